@@ -1,0 +1,27 @@
+"""LongLoRA for the Hugging Face ecosystem. Importing the package registers everything it provides."""
+
+from .attention import (
+    S2_ATTN_IMPLEMENTATION,
+    S2AttentionSettings,
+    register_attention,
+    s2_attention_forward,
+    use_s2_attention,
+)
+
+__version__ = "0.1.0"
+
+
+def register() -> None:
+    """Register the package's plugins with transformers (idempotent)."""
+    register_attention()
+
+
+register()
+
+__all__ = [
+    "S2_ATTN_IMPLEMENTATION",
+    "S2AttentionSettings",
+    "register",
+    "s2_attention_forward",
+    "use_s2_attention",
+]

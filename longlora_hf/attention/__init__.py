@@ -1,0 +1,73 @@
+"""The `attn_implementation="s2"` backend: shifted sparse attention in training, dense otherwise."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from .s2 import S2Layout, s2_attention_forward, s2_layout, s2_mask
+from .settings import INNER_ATTN_IMPLEMENTATIONS, S2_ATTN_IMPLEMENTATION, S2AttentionSettings
+
+__all__ = [
+    "INNER_ATTN_IMPLEMENTATIONS",
+    "S2_ATTN_IMPLEMENTATION",
+    "S2AttentionSettings",
+    "S2Layout",
+    "register_attention",
+    "s2_attention_forward",
+    "s2_layout",
+    "s2_mask",
+    "use_s2_attention",
+]
+
+
+def register_attention() -> None:
+    """Register "s2" with transformers: the attention function and its mask function."""
+    AttentionInterface.register(S2_ATTN_IMPLEMENTATION, s2_attention_forward)
+    # Without a mask function of the same name, `create_causal_mask` returns None and padding is lost.
+    AttentionMaskInterface.register(S2_ATTN_IMPLEMENTATION, s2_mask)
+
+
+def check_s2_compatible(model: torch.nn.Module) -> None:
+    """Raise a clear error when S2-Attn cannot run on `model`."""
+    if not getattr(type(model), "_supports_attention_backend", False):
+        raise ValueError(
+            f"{type(model).__name__} does not dispatch attention through transformers' AttentionInterface "
+            "(it chooses its attention classes by name), so attn_implementation='s2' cannot reach it. "
+            "Train it without S2 (use_s2_attn=False) or pick an architecture that dispatches through the registry."
+        )
+    causal_flags = [m.is_causal for m in model.modules() if isinstance(getattr(m, "is_causal", None), bool)]
+    if causal_flags and not any(causal_flags):
+        raise ValueError(
+            f"attn_implementation='s2' is for causal language models, but every attention layer of "
+            f"{type(model).__name__} is non-causal (an encoder). Use attn_implementation='sdpa'."
+        )
+    heads = getattr(model.config.get_text_config(), "num_attention_heads", None)
+    if isinstance(heads, int) and heads % 2:
+        raise ValueError(
+            f"S2-Attn splits the attention heads in two halves, but {type(model).__name__} has "
+            f"num_attention_heads={heads} (odd). Use attn_implementation='sdpa' for this model."
+        )
+
+
+def use_s2_attention(
+    model: torch.nn.Module,
+    group_size_ratio: float = 0.25,
+    group_size: int | None = None,
+    inner_attn_implementation: str = "sdpa",
+) -> S2AttentionSettings:
+    """Switch a loaded transformers model to S2-Attn with the given group size; returns the settings.
+
+    Same as `model.set_attn_implementation("s2")`, plus validation and the group size. The settings
+    are stored in `model.config.s2_attention`, so `save_pretrained` records them; plain transformers
+    ignores that key and loads the model with its default attention.
+    """
+    settings = S2AttentionSettings(group_size_ratio, group_size, inner_attn_implementation)
+    check_s2_compatible(model)
+    settings.write_to(model.config)
+    text_config = model.config.get_text_config()
+    if text_config is not model.config:
+        settings.write_to(text_config)
+    model.set_attn_implementation(S2_ATTN_IMPLEMENTATION)
+    return settings

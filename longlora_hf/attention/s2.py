@@ -1,0 +1,304 @@
+"""S2-Attn, shifted sparse attention (LongLoRA, paper Section 3.2), as a transformers attention backend.
+
+In training, the tokens of every sequence are split into groups of G tokens. The first half of the
+heads attends causally inside groups `[0, G), [G, 2G), ...`; the second half inside groups shifted by
+half a group, `[0, G/2), [G/2, 3G/2), ..., [.., L)`. Shifted groups never wrap around: unlike the
+reference implementation's eager path (which rolls the sequence, letting the first G/2 tokens see the
+last G/2), no token ever attends to a later one. This is the partition of the reference flash-attn
+varlen path, used here on every kernel.
+
+    tokens   0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15        (L = 16, G = 4)
+    half 0  [0 1 2 3][4 5 6 7][8 9 10 11][12 13 14 15]
+    half 1  [0 1][2 3 4 5][6 7 8 9][10 11 12 13][14 15]
+
+A batch is described by its "segments": runs of real (unpadded) tokens of one document. Padding comes
+from the attention mask, document boundaries of packed rows from `position_ids` restarting. Each
+segment is grouped on its own, so a padded or packed sequence gets exactly the attention it would get
+alone. The groups of each half are written as cumulative lengths over the real tokens (`cu_seqlens`,
+the flash-attn varlen layout); the SDPA path runs the same layout bucketed by group length.
+
+Evaluation, generation (no gradients) and any call whose keys outnumber its queries (a KV cache) use
+exact dense attention through the inner backend ("sdpa" by default).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .settings import S2AttentionSettings
+
+
+@dataclass
+class S2Layout:
+    """Where the groups of both halves of the heads lie in a batch.
+
+    `token_index` lists the real tokens as indices into the flattened `[batch * seq]` positions
+    (None when every position is real). `cu_seqlens[h]` are the cumulative group lengths of half `h`
+    over those real tokens, int32, starting at 0: the `cu_seqlens_q/k` of flash-attn's varlen API.
+    """
+
+    token_index: torch.Tensor | None
+    cu_seqlens: tuple[torch.Tensor, torch.Tensor]
+    max_seqlen: tuple[int, int]
+
+
+def segment_lengths(real: torch.Tensor, position_ids: torch.Tensor | None) -> list[int]:
+    """Lengths of the runs of real tokens of one document, in row-major order.
+
+    real: [batch, seq] bool. position_ids: [batch or 1, seq] or None. A segment starts at a real token
+    whose left neighbour is padding, the row start, or whose position id does not follow its
+    neighbour's (packed documents restart at 0).
+    """
+    starts = real.clone()
+    starts[:, 1:] &= ~real[:, :-1]
+    if position_ids is not None:
+        position_ids = position_ids.expand_as(real)
+        restarts = position_ids[:, 1:] != position_ids[:, :-1] + 1
+        starts[:, 1:] |= real[:, 1:] & restarts
+    segment_of_token = torch.cumsum(starts.flatten(), 0)[real.flatten()]
+    return torch.bincount(segment_of_token)[1:].tolist()
+
+
+def group_lengths(length: int, group_size: int) -> tuple[list[int], list[int]]:
+    """The group lengths of one segment, for the unshifted and the shifted half of the heads."""
+    if group_size < 2 or length <= group_size:
+        return [length], [length]
+    shift = group_size // 2
+    unshifted = [group_size] * (length // group_size)
+    if length % group_size:
+        unshifted.append(length % group_size)
+    shifted = [shift] + [group_size] * ((length - shift) // group_size)
+    if (length - shift) % group_size:
+        shifted.append((length - shift) % group_size)
+    return unshifted, shifted
+
+
+def s2_layout(
+    real: torch.Tensor, position_ids: torch.Tensor | None, settings: S2AttentionSettings
+) -> S2Layout:
+    """Build the varlen layout of both halves for a batch. real: [batch, seq] bool, on any device."""
+    device = real.device
+    real_cpu = real.cpu()
+    positions_cpu = None if position_ids is None else position_ids.cpu()
+    lengths = ([], [])
+    for length in segment_lengths(real_cpu, positions_cpu):
+        for half, groups in zip(lengths, group_lengths(length, settings.group_size_for(length))):
+            half.extend(groups)
+    cu_seqlens = tuple(
+        F.pad(torch.tensor(half, dtype=torch.int32).cumsum(0, dtype=torch.int32), (1, 0)).to(device)
+        for half in lengths
+    )
+    token_index = None if bool(real_cpu.all()) else real_cpu.flatten().nonzero().squeeze(1).to(device)
+    return S2Layout(token_index, cu_seqlens, (max(lengths[0]), max(lengths[1])))
+
+
+def real_tokens_from_mask(attention_mask: torch.Tensor | None, batch: int, seq: int, device) -> torch.Tensor:
+    """Which positions hold real tokens, from the mask the inner backend's mask function made.
+
+    A 2D mask (flash-attn style) says it directly. In a 4D mask `[batch, 1, q, kv]` a token attends to
+    itself unless it is padding, so the diagonal is the padding mask, for causal, sliding-window and
+    packed masks alike; reading it costs O(seq), not O(seq^2).
+    """
+    if attention_mask is None:
+        return torch.ones(batch, seq, dtype=torch.bool, device=device)
+    if attention_mask.dim() == 2:
+        return attention_mask[:, -seq:].bool()
+    diagonal = torch.diagonal(attention_mask[:, 0, :, -seq:], dim1=-2, dim2=-1)
+    if diagonal.dtype == torch.bool:
+        return diagonal
+    return diagonal == 0
+
+
+def kv_heads_for(first: int, last: int, num_key_value_groups: int) -> slice | torch.Tensor:
+    """The key/value heads that query heads `[first, last)` read, under grouped-query attention.
+
+    A slice when the half maps onto whole kv heads (no copy; SDPA's `enable_gqa` or flash-attn
+    broadcast them), an index of repeated heads only when a kv head straddles the two halves.
+    """
+    if first % num_key_value_groups == 0 and last % num_key_value_groups == 0:
+        return slice(first // num_key_value_groups, last // num_key_value_groups)
+    if first // num_key_value_groups == (last - 1) // num_key_value_groups:
+        head = first // num_key_value_groups
+        return slice(head, head + 1)
+    return torch.arange(first, last) // num_key_value_groups
+
+
+def _sliding_window_mask(length: int, window: int, device) -> torch.Tensor:
+    # transformers' sliding window: query i sees keys j with i - window < j <= i.
+    offsets = torch.arange(length, device=device)[:, None] - torch.arange(length, device=device)[None, :]
+    return (offsets >= 0) & (offsets < window)
+
+
+def sdpa_varlen(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    dropout: float,
+    scaling: float | None,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    """Causal attention inside each group of `cu_seqlens`, with SDPA, one call per distinct group length.
+
+    query: [tokens, heads, dim], key/value: [tokens, kv_heads, dim] -> [tokens, heads, dim].
+    """
+    starts = cu_seqlens[:-1].long()
+    lengths = cu_seqlens[1:].long() - starts
+    enable_gqa = query.shape[1] != key.shape[1]
+    outputs, order = [], []
+    for length in lengths.unique().tolist():
+        index = starts[lengths == length][:, None] + torch.arange(length, device=query.device)  # [groups, length]
+        # [groups, length, heads, dim] -> [groups, heads, length, dim]
+        q, k, v = (x[index].transpose(1, 2) for x in (query, key, value))
+        mask = None
+        if sliding_window is not None and sliding_window < length:
+            mask = _sliding_window_mask(length, sliding_window, query.device)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None, scale=scaling, enable_gqa=enable_gqa
+        )
+        outputs.append(out.transpose(1, 2).reshape(-1, *out.shape[1:2], out.shape[-1]))
+        order.append(index.flatten())
+    out = torch.cat(outputs)
+    order = torch.cat(order)
+    if len(outputs) == 1 and bool((order[1:] > order[:-1]).all()):
+        return out
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return out[inverse]
+
+
+def _load_flash_varlen():
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError as error:
+        raise ImportError(
+            "s2 with inner_attn_implementation='flash_attention_2' needs flash-attn: "
+            "`pip install 'longlora-hf[flash]'` on a CUDA machine, or use inner_attn_implementation='sdpa'."
+        ) from error
+    return flash_attn_varlen_func
+
+
+def flash_varlen(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    dropout: float,
+    scaling: float | None,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    """Causal attention inside each group of `cu_seqlens`, with flash-attn's varlen kernel (GPU)."""
+    flash_attn_varlen_func = _load_flash_varlen()
+    # Same convention as transformers' flash path: a window of `sliding_window` tokens including itself.
+    window = (-1, -1) if sliding_window is None else (sliding_window - 1, sliding_window - 1)
+    return flash_attn_varlen_func(
+        query,
+        key,
+        value,
+        cu_seqlens_q=cu_seqlens,
+        cu_seqlens_k=cu_seqlens,
+        max_seqlen_q=max_seqlen,
+        max_seqlen_k=max_seqlen,
+        dropout_p=dropout,
+        softmax_scale=scaling,
+        causal=True,
+        window_size=window,
+    )
+
+
+def _check_trainable(module: torch.nn.Module, query: torch.Tensor, is_causal: bool | None) -> None:
+    if is_causal is False or not getattr(module, "is_causal", True):
+        raise ValueError(
+            f"attn_implementation='s2' is for causal language models, but {type(module).__name__} runs "
+            "non-causal (encoder) attention. Load this model with attn_implementation='sdpa'."
+        )
+    if query.shape[1] % 2:
+        raise ValueError(
+            f"S2-Attn splits the attention heads in two halves, but {type(module).__name__} has "
+            f"{query.shape[1]} heads (odd). Use attn_implementation='sdpa' for this model."
+        )
+
+
+def s2_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    sliding_window: int | None = None,
+    position_ids: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Shifted sparse attention in training, dense attention otherwise.
+
+    query: [batch, heads, seq, dim]; key/value: [batch, kv_heads, kv_seq, dim] (GQA/MQA: fewer heads).
+    Returns ([batch, seq, heads, dim], None), the contract of transformers' attention functions.
+    """
+    settings = S2AttentionSettings.from_config(module.config)
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if not (module.training and torch.is_grad_enabled()) or q_len != kv_len:
+        dense = ALL_ATTENTION_FUNCTIONS[settings.inner_attn_implementation]
+        if is_causal is not None:
+            kwargs["is_causal"] = is_causal
+        return dense(
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            sliding_window=sliding_window,
+            position_ids=position_ids,
+            **kwargs,
+        )
+    _check_trainable(module, query, is_causal)
+    if kwargs.get("softcap") is not None:
+        raise ValueError(
+            f"S2-Attn does not support attention logit soft-capping (softcap={kwargs['softcap']}) of "
+            f"{type(module).__name__}. Use attn_implementation='eager' for this model."
+        )
+
+    batch, heads, seq, dim = query.shape
+    layout = s2_layout(real_tokens_from_mask(attention_mask, batch, seq, query.device), position_ids, settings)
+    # [batch, heads, seq, dim] -> [batch * seq, heads, dim], then keep the real tokens only.
+    q, k, v = (x.transpose(1, 2).reshape(batch * seq, x.shape[1], dim) for x in (query, key, value))
+    if layout.token_index is not None:
+        q, k, v = (x.index_select(0, layout.token_index) for x in (q, k, v))
+
+    num_key_value_groups = heads // key.shape[1]
+    halves = []
+    for half, (first, last) in enumerate(((0, heads // 2), (heads // 2, heads))):
+        kv_heads = kv_heads_for(first, last, num_key_value_groups)
+        q_half, k_half, v_half = q[:, first:last], k[:, kv_heads], v[:, kv_heads]
+        if settings.inner_attn_implementation == "flash_attention_2":
+            out = flash_varlen(
+                q_half, k_half, v_half, layout.cu_seqlens[half], layout.max_seqlen[half], dropout, scaling, sliding_window
+            )
+        else:
+            out = sdpa_varlen(q_half, k_half, v_half, layout.cu_seqlens[half], dropout, scaling, sliding_window)
+        halves.append(out)
+    out = torch.cat(halves, dim=1)  # [tokens, heads, dim]
+
+    if layout.token_index is not None:
+        out = out.new_zeros(batch * seq, heads, dim).index_copy(0, layout.token_index, out)
+    return out.view(batch, seq, heads, dim), None
+
+
+def s2_mask(*args, config=None, **kwargs):
+    """The mask function registered for "s2": the inner backend's own (a 4D mask for SDPA, 2D for flash).
+
+    Training reads only O(seq) of it (padding from its diagonal); evaluation hands it to the inner
+    backend unchanged, so dense attention is exactly the inner backend's.
+    """
+    inner = S2AttentionSettings.from_config(config).inner_attn_implementation
+    return ALL_MASK_ATTENTION_FUNCTIONS[inner](*args, config=config, **kwargs)

@@ -1,0 +1,80 @@
+"""Per-model settings of the S2-Attn backend, stored on the model config as `config.s2_attention`."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+S2_ATTN_IMPLEMENTATION = "s2"
+"""The name under which S2-Attn is registered: `attn_implementation="s2"`."""
+
+INNER_ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2")
+CONFIG_ATTRIBUTE = "s2_attention"
+
+
+@dataclass
+class S2AttentionSettings:
+    """How S2-Attn splits a training sequence into groups (paper Section 3.2, Figure 2).
+
+    Each sequence (or each document of a packed row) of length L is split into groups of `G` tokens.
+    Half of the heads attend causally within groups `[0, G), [G, 2G), ...`; the other half within the
+    groups shifted by `G // 2`: `[0, G/2), [G/2, 3G/2), ...`. A sequence of at most `G` tokens has
+    fewer than two groups and uses dense causal attention. Evaluation, generation and calls with a
+    KV cache always use dense attention through `inner_attn_implementation`.
+    """
+
+    group_size_ratio: float = field(
+        default=0.25,
+        metadata={
+            "help": "Group size as a fraction of each sequence's length: G = int(L * group_size_ratio). "
+            "The paper's default 1/4 gives four groups. Must be in (0, 1]. Ignored when `group_size` is set."
+        },
+    )
+    group_size: int | None = field(
+        default=None,
+        metadata={"help": "Absolute group size in tokens (at least 2). Overrides `group_size_ratio` when set."},
+    )
+    inner_attn_implementation: str = field(
+        default="sdpa",
+        metadata={
+            "help": "The kernel that runs the groups in training and the dense attention in evaluation: "
+            "'sdpa' (CPU and GPU) or 'flash_attention_2' (GPU, needs the `flash` extra)."
+        },
+    )
+
+    def __post_init__(self):
+        ratio = self.group_size_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+            raise ValueError(
+                f"group_size_ratio must be a number in (0, 1]; got {ratio!r}. "
+                "Use 0.25 for the paper's four groups, or set an absolute `group_size` instead."
+            )
+        if self.group_size is not None and (
+            isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 2
+        ):
+            raise ValueError(
+                f"group_size must be an integer of at least 2 tokens; got {self.group_size!r}. "
+                "Pass group_size=None to use group_size_ratio instead."
+            )
+        if self.inner_attn_implementation not in INNER_ATTN_IMPLEMENTATIONS:
+            raise ValueError(
+                f"inner_attn_implementation must be one of {INNER_ATTN_IMPLEMENTATIONS}; "
+                f"got {self.inner_attn_implementation!r}."
+            )
+
+    def group_size_for(self, length: int) -> int:
+        """The group size used for a sequence (or packed document) of `length` tokens."""
+        if self.group_size is not None:
+            return self.group_size
+        return int(length * self.group_size_ratio)
+
+    @classmethod
+    def from_config(cls, config) -> "S2AttentionSettings":
+        stored = getattr(config, CONFIG_ATTRIBUTE, None)
+        if stored is None:
+            return cls()
+        if isinstance(stored, cls):
+            return stored
+        return cls(**stored)
+
+    def write_to(self, config) -> None:
+        setattr(config, CONFIG_ATTRIBUTE, asdict(self))
