@@ -38,13 +38,20 @@ class S2Layout:
     """Where the groups of both halves of the heads lie in a batch.
 
     `token_index` lists the real tokens as indices into the flattened `[batch * seq]` positions
-    (None when every position is real). `cu_seqlens[h]` are the cumulative group lengths of half `h`
-    over those real tokens, int32, starting at 0: the `cu_seqlens_q/k` of flash-attn's varlen API.
+    (None when every position is real). For each half `h` of the heads:
+    - `cu_seqlens[h]`: cumulative group lengths over the real tokens, int32, starting at 0 (the
+      `cu_seqlens_q/k` of flash-attn's varlen API);
+    - `max_seqlen[h]`: the longest group;
+    - `order[h]`: the real tokens reordered so that groups of equal length are adjacent (None when
+      the natural order already is), and `buckets[h]`: `(group length, number of groups)` in that
+      order, so that each bucket is one batched SDPA call on a view, with no per-group copies.
     """
 
     token_index: torch.Tensor | None
     cu_seqlens: tuple[torch.Tensor, torch.Tensor]
     max_seqlen: tuple[int, int]
+    order: tuple[torch.Tensor | None, torch.Tensor | None]
+    buckets: tuple[list[tuple[int, int]], list[tuple[int, int]]]
 
 
 def segment_lengths(real: torch.Tensor, position_ids: torch.Tensor | None) -> list[int]:
@@ -78,10 +85,28 @@ def group_lengths(length: int, group_size: int) -> tuple[list[int], list[int]]:
     return unshifted, shifted
 
 
+def _buckets(lengths: list[int]) -> tuple[torch.Tensor | None, list[tuple[int, int]]]:
+    """Order the tokens so that groups of equal length are adjacent; return (order or None, buckets)."""
+    lengths_t = torch.tensor(lengths)
+    starts = torch.cumsum(lengths_t, 0) - lengths_t
+    by_length = torch.argsort(lengths_t, stable=True)
+    sorted_lengths = lengths_t[by_length]
+    values, counts = torch.unique_consecutive(sorted_lengths, return_counts=True)
+    buckets = list(zip(values.tolist(), counts.tolist()))
+    if bool((by_length == torch.arange(len(lengths))).all()):
+        return None, buckets
+    # token order: the tokens of group by_length[0], then of by_length[1], ...
+    group_starts = torch.repeat_interleave(starts[by_length], sorted_lengths)
+    within = torch.arange(int(lengths_t.sum())) - torch.repeat_interleave(
+        torch.cumsum(sorted_lengths, 0) - sorted_lengths, sorted_lengths
+    )
+    return group_starts + within, buckets
+
+
 def s2_layout(
     real: torch.Tensor, position_ids: torch.Tensor | None, settings: S2AttentionSettings
 ) -> S2Layout:
-    """Build the varlen layout of both halves for a batch. real: [batch, seq] bool, on any device."""
+    """Build the layout of both halves for a batch. real: [batch, seq] bool, on any device."""
     device = real.device
     real_cpu = real.cpu()
     positions_cpu = None if position_ids is None else position_ids.cpu()
@@ -93,8 +118,10 @@ def s2_layout(
         F.pad(torch.tensor(half, dtype=torch.int32).cumsum(0, dtype=torch.int32), (1, 0)).to(device)
         for half in lengths
     )
+    orders, buckets = zip(*(_buckets(half) for half in lengths))
+    orders = tuple(None if order is None else order.to(device) for order in orders)
     token_index = None if bool(real_cpu.all()) else real_cpu.flatten().nonzero().squeeze(1).to(device)
-    return S2Layout(token_index, cu_seqlens, (max(lengths[0]), max(lengths[1])))
+    return S2Layout(token_index, cu_seqlens, (max(lengths[0]), max(lengths[1])), orders, buckets)
 
 
 def real_tokens_from_mask(attention_mask: torch.Tensor | None, batch: int, seq: int, device) -> torch.Tensor:
@@ -138,38 +165,39 @@ def sdpa_varlen(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    cu_seqlens: torch.Tensor,
+    order: torch.Tensor | None,
+    buckets: list[tuple[int, int]],
     dropout: float,
     scaling: float | None,
     sliding_window: int | None,
 ) -> torch.Tensor:
-    """Causal attention inside each group of `cu_seqlens`, with SDPA, one call per distinct group length.
+    """Causal attention inside each group, with SDPA: one batched call per distinct group length.
 
-    query: [tokens, heads, dim], key/value: [tokens, kv_heads, dim] -> [tokens, heads, dim].
+    query: [tokens, heads, dim], key/value: [tokens, kv_heads, dim] -> [tokens, heads, dim]. The tokens
+    are first put in `order` (groups of equal length adjacent), so each bucket is a view.
     """
-    starts = cu_seqlens[:-1].long()
-    lengths = cu_seqlens[1:].long() - starts
+    if order is not None:
+        query, key, value = (x.index_select(0, order) for x in (query, key, value))
     enable_gqa = query.shape[1] != key.shape[1]
-    outputs, order = [], []
-    for length in lengths.unique().tolist():
-        index = starts[lengths == length][:, None] + torch.arange(length, device=query.device)  # [groups, length]
-        # [groups, length, heads, dim] -> [groups, heads, length, dim]
-        q, k, v = (x[index].transpose(1, 2) for x in (query, key, value))
+    # split, not slicing: its backward concatenates instead of filling a zero tensor per slice.
+    sizes = [count * length for length, count in buckets]
+    outputs = []
+    for (length, count), *qkv in zip(buckets, *(x.split(sizes) for x in (query, key, value))):
+        # [count * length, heads, dim] -> [count, heads, length, dim]
+        q, k, v = (x.unflatten(0, (count, length)).transpose(1, 2) for x in qkv)
         mask = None
         if sliding_window is not None and sliding_window < length:
             mask = _sliding_window_mask(length, sliding_window, query.device)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None, scale=scaling, enable_gqa=enable_gqa
         )
-        outputs.append(out.transpose(1, 2).reshape(-1, *out.shape[1:2], out.shape[-1]))
-        order.append(index.flatten())
-    out = torch.cat(outputs)
-    order = torch.cat(order)
-    if len(outputs) == 1 and bool((order[1:] > order[:-1]).all()):
+        outputs.append(out.transpose(1, 2).flatten(0, 1))  # [count * length, heads, dim]
+    out = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+    if order is None:
         return out
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
-    return out[inverse]
+    return out.index_select(0, inverse)
 
 
 def _load_flash_varlen():
@@ -277,15 +305,17 @@ def s2_attention_forward(
 
     num_key_value_groups = heads // key.shape[1]
     halves = []
-    for half, (first, last) in enumerate(((0, heads // 2), (heads // 2, heads))):
-        kv_heads = kv_heads_for(first, last, num_key_value_groups)
-        q_half, k_half, v_half = q[:, first:last], k[:, kv_heads], v[:, kv_heads]
+    for half, q_half in enumerate(q.split(heads // 2, dim=1)):
+        kv_heads = kv_heads_for(half * heads // 2, (half + 1) * heads // 2, num_key_value_groups)
+        k_half, v_half = k[:, kv_heads], v[:, kv_heads]
         if settings.inner_attn_implementation == "flash_attention_2":
             out = flash_varlen(
                 q_half, k_half, v_half, layout.cu_seqlens[half], layout.max_seqlen[half], dropout, scaling, sliding_window
             )
         else:
-            out = sdpa_varlen(q_half, k_half, v_half, layout.cu_seqlens[half], dropout, scaling, sliding_window)
+            out = sdpa_varlen(
+                q_half, k_half, v_half, layout.order[half], layout.buckets[half], dropout, scaling, sliding_window
+            )
         halves.append(out)
     out = torch.cat(halves, dim=1)  # [tokens, heads, dim]
 

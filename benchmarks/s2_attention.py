@@ -1,0 +1,151 @@
+"""S2-Attn versus dense causal SDPA: forward+backward time and peak memory, in one run on one machine.
+
+    python benchmarks/s2_attention.py [--lengths 4096 8192 16384] [--repeats 3] [--model-length 8192]
+
+Prints, for each sequence length (batch 1, 8 heads, head dim 64, float32), the median forward+backward
+time of dense causal SDPA and of S2-Attn (4 groups), the ratio dense/S2, and the peak memory of each;
+then the same ratio for one training step of a small Llama. Peak memory is CUDA's allocator peak on a
+GPU and, on the CPU, the growth of the process's peak resident set over its state after imports (measured in a fresh subprocess per case).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+import longlora_hf  # noqa: F401  (registers "s2")
+from longlora_hf.attention import s2_attention_forward
+
+HEADS, HEAD_DIM = 8, 64
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _attention_step(kind: str, length: int, device) -> None:
+    query, key, value = (
+        torch.randn(1, HEADS, length, HEAD_DIM, device=device, requires_grad=True) for _ in range(3)
+    )
+    if kind == "dense":
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True)
+    else:
+        module = SimpleNamespace(config=SimpleNamespace(s2_attention=None), training=True, is_causal=True)
+        out, _ = s2_attention_forward(module, query, key, value, None)
+    out.sum().backward()
+
+
+def _llama_step(kind: str, length: int, device) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=1000,
+        hidden_size=512,
+        intermediate_size=1024,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=length,
+        use_cache=False,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(device).train()
+    if kind == "s2":
+        longlora_hf.use_s2_attention(model)
+    else:
+        model.set_attn_implementation("sdpa")
+    ids = torch.randint(0, 1000, (1, length), device=device)
+    model(ids, labels=ids).loss.backward()
+
+
+STEPS = {"attention": _attention_step, "llama": _llama_step}
+
+
+def _measure(step: str, kind: str, length: int, repeats: int) -> dict:
+    """Time `repeats` runs after one warm-up and return the median and the peak memory (this process)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    run = STEPS[step]
+    import resource
+
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    run(kind, length, device)
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        run(kind, length, device)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        run(kind, length, device)
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
+    return {"seconds": statistics.median(times), "peak_bytes": peak, "device": device.type}
+
+
+def _measure_in_subprocess(step: str, kind: str, length: int, repeats: int) -> dict:
+    # A fresh process per case, so that one case's peak memory does not hide the next one's.
+    code = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]); import s2_attention as b; "
+        "print(json.dumps(b._measure(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))))"
+    )
+    here = os.path.dirname(os.path.abspath(__file__))
+    result = subprocess.run(
+        [sys.executable, "-c", code, here, step, kind, str(length), str(repeats)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _row(step: str, length: int, repeats: int) -> dict:
+    dense = _measure_in_subprocess(step, "dense", length, repeats)
+    s2 = _measure_in_subprocess(step, "s2", length, repeats)
+    return {"step": step, "length": length, "dense": dense, "s2": s2, "ratio": dense["seconds"] / s2["seconds"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384])
+    parser.add_argument("--model-length", type=int, default=8192)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", help="also write the figures to this JSON file")
+    args = parser.parse_args(argv)
+
+    rows = [_row("attention", length, args.repeats) for length in args.lengths]
+    rows.append(_row("llama", args.model_length, args.repeats))
+    device = rows[0]["dense"]["device"]
+    print(f"S2-Attn (4 groups) vs dense causal SDPA, forward+backward, float32, on {device} "
+          f"({torch.get_num_threads()} threads), median of {args.repeats}")
+    print(f"{'case':<34}{'dense s':>9}{'S2 s':>9}{'dense/S2':>10}{'dense MiB':>11}{'S2 MiB':>9}")
+    for row in rows:
+        case = (
+            f"attention N={row['length']} (1x{HEADS}x{HEAD_DIM})"
+            if row["step"] == "attention"
+            else f"Llama train step N={row['length']}"
+        )
+        print(
+            f"{case:<34}{row['dense']['seconds']:>9.3f}{row['s2']['seconds']:>9.3f}{row['ratio']:>10.2f}"
+            f"{row['dense']['peak_bytes'] / 2**20:>11.0f}{row['s2']['peak_bytes'] / 2**20:>9.0f}"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,268 @@
+"""The S2-Attn attention function, against an explicit float64 mask of the partition (tests/s2_reference.py)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+from s2_reference import group_boundaries, masked_attention, s2_reference_mask
+
+from longlora_hf.attention import S2AttentionSettings, s2
+from longlora_hf.attention.s2 import s2_attention_forward, s2_layout
+
+TOLERANCE = 1e-10
+
+
+def attention_module(training=True, **settings):
+    config = SimpleNamespace(s2_attention=asdict(S2AttentionSettings(**settings)))
+    return SimpleNamespace(config=config, training=training, is_causal=True)
+
+
+def qkv(batch, heads, kv_heads, n, dim=8, seed=0, requires_grad=False):
+    generator = torch.Generator().manual_seed(seed)
+    shapes = [(batch, heads, n, dim), (batch, kv_heads, n, dim), (batch, kv_heads, n, dim)]
+    return [torch.randn(*s, dtype=torch.float64, generator=generator, requires_grad=requires_grad) for s in shapes]
+
+
+def padding_mask_4d(real: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The boolean mask transformers' sdpa mask function makes: causal, no padded keys, no cross-document keys."""
+    n = real.shape[1]
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    mask = causal[None] & real[:, None, :]
+    if position_ids is not None:
+        document = torch.cumsum(torch.cat([torch.ones_like(position_ids[:, :1]), (position_ids[:, 1:] == 0).long()], 1), 1)
+        mask &= document[:, :, None] == document[:, None, :]
+    return mask[:, None]
+
+
+@pytest.mark.parametrize("n", [7, 16, 19, 23, 64])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (8, 2), (6, 3), (4, 1), (8, 1)])
+@pytest.mark.parametrize("groups", [dict(group_size_ratio=0.25), dict(group_size=6), dict(group_size=5)])
+def test_training_matches_the_dense_reference_mask(n, heads, kv_heads, groups):
+    """MHA, GQA (also with a kv head straddling the two halves: 6/3) and MQA; N not divisible by G; batch 2."""
+    query, key, value = qkv(2, heads, kv_heads, n)
+    out, weights = s2_attention_forward(attention_module(**groups), query, key, value, None)
+    mask = s2_reference_mask(torch.ones(2, n, dtype=torch.bool), heads, **groups)
+    assert weights is None
+    assert out.shape == (2, n, heads, 8)
+    torch.testing.assert_close(out, masked_attention(query, key, value, mask), atol=TOLERANCE, rtol=0)
+
+
+def test_no_token_attends_to_a_later_token_even_across_the_shift():
+    """The reference code's eager path rolls the sequence so the first G/2 tokens see the last G/2; ours never does."""
+    n, heads = 16, 4
+    query, key, value = qkv(1, heads, heads, n, requires_grad=True)
+    out, _ = s2_attention_forward(attention_module(), query, key, value, None)
+    for i in range(n - 1):
+        grads = torch.autograd.grad(out[:, : i + 1].sum(), (query, key, value), retain_graph=True)
+        for grad in grads:
+            assert torch.count_nonzero(grad[:, :, i + 1 :]) == 0, f"position {i} depends on a later token"
+
+
+def test_sequences_shorter_than_two_groups_use_dense_causal_attention():
+    query, key, value = qkv(1, 4, 2, 8)
+    out, _ = s2_attention_forward(attention_module(group_size=8), query, key, value, None)
+    causal = torch.ones(8, 8, dtype=torch.bool).tril().expand(1, 4, 8, 8)
+    torch.testing.assert_close(out, masked_attention(query, key, value, causal), atol=TOLERANCE, rtol=0)
+
+
+def test_right_padding_gives_each_real_token_its_unpadded_output():
+    lengths, n, heads = [19, 12], 19, 4
+    query, key, value = qkv(2, heads, 2, n)
+    real = torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]
+    out, _ = s2_attention_forward(attention_module(), query, key, value, padding_mask_4d(real))
+    reference = masked_attention(query, key, value, s2_reference_mask(real, heads))
+    torch.testing.assert_close(out[real], reference[real], atol=TOLERANCE, rtol=0)
+    for row, length in enumerate(lengths):
+        alone, _ = s2_attention_forward(
+            attention_module(), *(x[row : row + 1, :, :length] for x in (query, key, value)), None
+        )
+        torch.testing.assert_close(out[row, :length], alone[0], atol=TOLERANCE, rtol=0)
+
+
+def test_left_padding_groups_from_the_first_real_token():
+    n, heads = 18, 4
+    query, key, value = qkv(2, heads, 4, n)
+    real = torch.arange(n)[None, :] >= torch.tensor([0, 5])[:, None]
+    out, _ = s2_attention_forward(attention_module(), query, key, value, padding_mask_4d(real))
+    reference = masked_attention(query, key, value, s2_reference_mask(real, heads))
+    torch.testing.assert_close(out[real], reference[real], atol=TOLERANCE, rtol=0)
+
+
+def test_a_2d_padding_mask_as_flash_attention_masks_give_the_same_result():
+    n, heads = 17, 4
+    query, key, value = qkv(2, heads, 2, n)
+    real = torch.arange(n)[None, :] < torch.tensor([17, 9])[:, None]
+    out_2d, _ = s2_attention_forward(attention_module(), query, key, value, real)
+    reference = masked_attention(query, key, value, s2_reference_mask(real, heads))
+    torch.testing.assert_close(out_2d[real], reference[real], atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize("document_lengths", [[9, 13, 2], [24], [5, 5, 5, 9]])
+def test_packed_documents_are_grouped_per_document_and_never_attend_across(document_lengths):
+    heads = 4
+    position_ids = torch.cat([torch.arange(length) for length in document_lengths])[None]
+    n = position_ids.shape[1]
+    query, key, value = qkv(1, heads, 2, n)
+    out, _ = s2_attention_forward(attention_module(), query, key, value, None, position_ids=position_ids)
+    mask = s2_reference_mask(torch.ones(1, n, dtype=torch.bool), heads, position_ids=position_ids)
+    torch.testing.assert_close(out, masked_attention(query, key, value, mask), atol=TOLERANCE, rtol=0)
+    # each document on its own gives the same outputs
+    start = 0
+    for length in document_lengths:
+        alone, _ = s2_attention_forward(
+            attention_module(), *(x[:, :, start : start + length] for x in (query, key, value)), None
+        )
+        torch.testing.assert_close(out[:, start : start + length], alone, atol=TOLERANCE, rtol=0)
+        start += length
+
+
+def test_packed_rows_with_padding_and_a_4d_mask():
+    heads, n = 4, 20
+    position_ids = torch.tensor([list(range(11)) + list(range(9)), list(range(14)) + [0] * 6])
+    real = torch.tensor([[True] * 20, [True] * 14 + [False] * 6])
+    query, key, value = qkv(2, heads, 4, n)
+    mask = padding_mask_4d(real, position_ids)
+    out, _ = s2_attention_forward(attention_module(), query, key, value, mask, position_ids=position_ids)
+    reference = masked_attention(query, key, value, s2_reference_mask(real, heads, position_ids=position_ids))
+    torch.testing.assert_close(out[real], reference[real], atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize("window", [3, 6])
+def test_sliding_window_applies_inside_groups(window):
+    heads, n = 4, 32
+    query, key, value = qkv(2, heads, 2, n)
+    out, _ = s2_attention_forward(attention_module(), query, key, value, None, sliding_window=window)
+    mask = s2_reference_mask(torch.ones(2, n, dtype=torch.bool), heads, sliding_window=window)
+    torch.testing.assert_close(out, masked_attention(query, key, value, mask), atol=TOLERANCE, rtol=0)
+
+
+def varlen_stand_in(calls):
+    """A pure-torch stand-in for flash_attn_varlen_func: causal attention inside each cu_seqlens segment."""
+
+    def flash_attn_varlen_func(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal, window_size
+    ):
+        calls.append(dict(cu_seqlens=cu_seqlens_q.tolist(), max_seqlen=max_seqlen_q, causal=causal, window=window_size))
+        assert torch.equal(cu_seqlens_q, cu_seqlens_k) and cu_seqlens_q.dtype == torch.int32
+        out = torch.zeros_like(q)
+        repeat = q.shape[1] // k.shape[1]
+        bounds = cu_seqlens_q.tolist()
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            qs, ks, vs = q[start:end].transpose(0, 1), k[start:end].transpose(0, 1), v[start:end].transpose(0, 1)
+            ks, vs = ks.repeat_interleave(repeat, 0), vs.repeat_interleave(repeat, 0)
+            scores = qs @ ks.transpose(-1, -2) * softmax_scale
+            offsets = torch.arange(end - start)[:, None] - torch.arange(end - start)[None, :]
+            allowed = offsets >= 0
+            if window_size[0] >= 0:
+                allowed &= offsets <= window_size[0]
+            scores = scores.masked_fill(~allowed, float("-inf"))
+            out[start:end] = (torch.softmax(scores, -1) @ vs).transpose(0, 1)
+        return out
+
+    return flash_attn_varlen_func
+
+
+def test_flash_varlen_layout_matches_the_reference_partition(monkeypatch):
+    """The flash path cannot run on the CPU; its cumulative lengths and outputs are checked with a stand-in."""
+    calls = []
+    monkeypatch.setattr(s2, "_load_flash_varlen", lambda: varlen_stand_in(calls))
+    heads, n = 4, 22
+    query, key, value = qkv(2, heads, 2, n)
+    real = torch.arange(n)[None, :] < torch.tensor([22, 15])[:, None]
+    module = attention_module(inner_attn_implementation="flash_attention_2")
+    out, _ = s2_attention_forward(module, query, key, value, real, scaling=8**-0.5)
+    reference = masked_attention(query, key, value, s2_reference_mask(real, heads))
+    torch.testing.assert_close(out[real], reference[real], atol=TOLERANCE, rtol=0)
+
+    # cu_seqlens of each half: row 0's groups, then row 1's, over the 37 real tokens, read off the reference mask
+    expected = []
+    for half_head in (0, heads // 2):
+        bounds, offset = [0], 0
+        for row, length in enumerate([22, 15]):
+            row_mask = s2_reference_mask(torch.ones(1, length, dtype=torch.bool), heads)[0, half_head]
+            bounds += [offset + b for b in group_boundaries(row_mask)[1:]]
+            offset += length
+        expected.append(bounds)
+    assert [call["cu_seqlens"] for call in calls] == expected
+    assert all(call["causal"] and call["window"] == (-1, -1) for call in calls)
+    assert [call["max_seqlen"] for call in calls] == [max(b - a for a, b in zip(e[:-1], e[1:])) for e in expected]
+
+
+def test_flash_inner_backend_without_flash_attn_installed_says_how_to_fix_it():
+    query, key, value = qkv(1, 4, 4, 16)
+    module = attention_module(inner_attn_implementation="flash_attention_2")
+    with pytest.raises(ImportError, match=r"longlora-hf\[flash\]"):
+        s2_attention_forward(module, query, key, value, None)
+
+
+def test_layout_orders_groups_of_equal_length_into_buckets():
+    layout = s2_layout(torch.ones(2, 16, dtype=torch.bool), None, S2AttentionSettings())
+    assert layout.token_index is None
+    assert layout.cu_seqlens[0].tolist() == [0, 4, 8, 12, 16, 20, 24, 28, 32]
+    assert layout.cu_seqlens[1].tolist() == [0, 2, 6, 10, 14, 16, 18, 22, 26, 30, 32]
+    assert layout.order[0] is None and layout.buckets[0] == [(4, 8)]
+    assert layout.buckets[1] == [(2, 4), (4, 6)]
+    assert layout.order[1][:8].tolist() == [0, 1, 14, 15, 16, 17, 30, 31]
+
+
+def test_dropout_is_applied_in_training():
+    query, key, value = qkv(1, 4, 4, 16)
+    torch.manual_seed(0)
+    with_dropout, _ = s2_attention_forward(attention_module(), query, key, value, None, dropout=0.5)
+    without, _ = s2_attention_forward(attention_module(), query, key, value, None)
+    assert not torch.allclose(with_dropout, without)
+
+
+@pytest.mark.parametrize("training,grad", [(False, True), (True, False)])
+def test_eval_mode_and_no_grad_calls_are_exactly_sdpa(training, grad):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    query, key, value = qkv(2, 4, 2, 16)
+    module = attention_module(training=training)
+    module.num_key_value_groups = 2
+    with torch.set_grad_enabled(grad):
+        out, _ = s2_attention_forward(module, query, key, value, None, scaling=0.3)
+        dense, _ = sdpa_attention_forward(module, query, key, value, None, scaling=0.3)
+    assert torch.equal(out, dense)
+
+
+def test_a_kv_cache_call_is_dense_even_in_training():
+    query, _, _ = qkv(1, 4, 4, 1)
+    _, key, value = qkv(1, 4, 4, 12, seed=1)
+    out, _ = s2_attention_forward(attention_module(), query, key, value, None)
+    full = torch.ones(1, 4, 1, 12, dtype=torch.bool)
+    torch.testing.assert_close(out, masked_attention(query, key, value, full), atol=TOLERANCE, rtol=0)
+
+
+def test_an_odd_number_of_heads_is_refused_in_training():
+    query, key, value = qkv(1, 3, 3, 16)
+    with pytest.raises(ValueError, match=r"3 heads \(odd\).*attn_implementation='sdpa'"):
+        s2_attention_forward(attention_module(), query, key, value, None)
+
+
+def test_non_causal_attention_is_refused_in_training():
+    query, key, value = qkv(1, 4, 4, 16)
+    module = attention_module()
+    module.is_causal = False
+    with pytest.raises(ValueError, match="causal language models.*attn_implementation='sdpa'"):
+        s2_attention_forward(module, query, key, value, None)
+
+
+@pytest.mark.parametrize("ratio", [0, 1.5, -0.25, "0.25", True])
+def test_group_size_ratio_outside_zero_one_is_refused(ratio):
+    with pytest.raises(ValueError, match=rf"group_size_ratio must be a number in \(0, 1\]; got {ratio!r}"):
+        S2AttentionSettings(group_size_ratio=ratio)
+
+
+@pytest.mark.parametrize("group_size", [1, 0, -4, 2.5])
+def test_group_size_below_two_is_refused(group_size):
+    with pytest.raises(ValueError, match=rf"group_size must be an integer of at least 2 tokens; got {group_size!r}"):
+        S2AttentionSettings(group_size=group_size)
+
+
+def test_unknown_inner_backend_is_refused():
+    with pytest.raises(ValueError, match="inner_attn_implementation must be one of .*'eager'"):
+        S2AttentionSettings(inner_attn_implementation="eager")

@@ -1,0 +1,250 @@
+"""`attn_implementation="s2"` on every architecture that dispatches attention through transformers' registry."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import transformers
+from conftest import ARCHITECTURES, tiny_config, tiny_model
+from s2_reference import masked_attention, s2_reference_mask
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+import longlora_hf
+from longlora_hf.attention import S2AttentionSettings, use_s2_attention
+
+ARCHS = list(ARCHITECTURES)
+
+
+def batch(n=24, lengths=(24, 17), seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, 128, (len(lengths), n), generator=generator)
+    attention_mask = (torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]).long()
+    return ids, attention_mask
+
+
+def register_reference(real, position_ids=None, **groups):
+    """Register "s2_reference": the explicit-mask float64 reference, told the padding and documents by the test."""
+
+    def reference_attention(module, query, key, value, attention_mask, scaling=None, sliding_window=None, **kwargs):
+        mask = s2_reference_mask(real, query.shape[1], position_ids=position_ids, sliding_window=sliding_window, **groups)
+        return masked_attention(query, key, value, mask, scaling).to(query.dtype), None
+
+    AttentionInterface.register("s2_reference", reference_attention)
+    AttentionMaskInterface.register("s2_reference", sdpa_mask)
+
+
+def test_importing_the_package_registers_s2_and_its_mask_function():
+    assert AttentionInterface._global_mapping["s2"] is longlora_hf.s2_attention_forward
+    assert "s2" in AttentionMaskInterface._global_mapping
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_training_forward_matches_the_reference_mask_on_a_padded_batch(arch):
+    model = tiny_model(arch).double()
+    ids, attention_mask = batch()
+    register_reference(attention_mask.bool())
+    model.set_attn_implementation("s2_reference")
+    model.train()
+    expected = model(ids, attention_mask=attention_mask).logits
+    use_s2_attention(model)
+    got = model(ids, attention_mask=attention_mask).logits
+    real = attention_mask.bool()
+    torch.testing.assert_close(got[real], expected[real], atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral-sliding"])
+def test_training_forward_matches_the_reference_on_packed_documents(arch):
+    model = tiny_model(arch).double().train()
+    position_ids = torch.cat([torch.arange(11), torch.arange(21)])[None]
+    ids = torch.randint(4, 128, (1, 32), generator=torch.Generator().manual_seed(1))
+    register_reference(torch.ones(1, 32, dtype=torch.bool), position_ids=position_ids)
+    model.set_attn_implementation("s2_reference")
+    expected = model(ids, position_ids=position_ids).logits
+    use_s2_attention(model)
+    got = model(ids, position_ids=position_ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt-neox"])
+def test_absolute_group_size_reaches_the_attention(arch):
+    model = tiny_model(arch).double().train()
+    ids, attention_mask = batch(lengths=(24, 24))
+    register_reference(attention_mask.bool(), group_size=10)
+    model.set_attn_implementation("s2_reference")
+    expected = model(ids).logits
+    use_s2_attention(model, group_size=10)
+    torch.testing.assert_close(model(ids).logits, expected, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_eval_mode_is_exactly_sdpa(arch):
+    model = tiny_model(arch)
+    ids, attention_mask = batch()
+    model.set_attn_implementation("sdpa")
+    expected = model(ids, attention_mask=attention_mask).logits
+    use_s2_attention(model)
+    model.eval()
+    assert torch.equal(model(ids, attention_mask=attention_mask).logits, expected)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral-sliding", "gemma3"])
+def test_generation_is_exactly_sdpa_even_in_training_mode(arch):
+    model = tiny_model(arch)
+    prompt = torch.randint(4, 128, (1, 10), generator=torch.Generator().manual_seed(3))
+    model.set_attn_implementation("sdpa")
+    expected = model.generate(prompt, max_new_tokens=8, do_sample=False)
+    use_s2_attention(model)
+    model.train()
+    assert torch.equal(model.generate(prompt, max_new_tokens=8, do_sample=False), expected)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_training_mode_never_leaks_later_tokens(arch):
+    model = tiny_model(arch).double()
+    use_s2_attention(model)
+    model.train()
+    ids, _ = batch(lengths=(24, 24))
+    cut = 13
+    changed = ids.clone()
+    changed[:, cut + 1 :] = torch.randint(4, 128, changed[:, cut + 1 :].shape, generator=torch.Generator().manual_seed(9))
+    outputs, grads = [], []
+    for tokens in (ids, changed):
+        model.zero_grad()
+        logits = model(tokens).logits
+        logits[:, : cut + 1].pow(2).mean().backward()
+        outputs.append(logits[:, : cut + 1].detach())
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-12, rtol=0)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+def test_s2_differs_from_dense_attention_in_training():
+    """Guards the tests above: on these sizes S2 is really sparse, not dense under another name."""
+    model = tiny_model("llama").train()
+    ids, _ = batch(lengths=(24, 24))
+    model.set_attn_implementation("sdpa")
+    dense = model(ids).logits
+    use_s2_attention(model)
+    assert (model(ids).logits - dense).abs().max() > 1e-3
+
+
+def test_a_few_optimizer_steps_lower_the_loss():
+    model = tiny_model("llama")
+    use_s2_attention(model)
+    model.train()
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, 128, (4, 32), generator=generator)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(15):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_from_pretrained_with_attn_implementation_s2(arch, tmp_path):
+    tiny_model(arch).save_pretrained(tmp_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="s2")
+    assert model.config._attn_implementation == "s2"
+    ids, _ = batch(lengths=(24, 24))
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa")
+    assert torch.equal(model.eval()(ids).logits, reference(ids).logits)
+    model.train()
+    reference.train()
+    assert not torch.allclose(model(ids).logits, reference(ids).logits)
+
+
+def shadow_longlora_hf(tmp_path):
+    """A PYTHONPATH entry under which `import longlora_hf` fails, as on a machine without the package."""
+    shadow = tmp_path / "shadow" / "longlora_hf"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('longlora_hf is not installed here')\n")
+    return str(shadow.parent)
+
+
+def test_a_saved_s2_model_loads_in_plain_transformers_with_its_default_attention(tmp_path):
+    model = tiny_model("llama")
+    use_s2_attention(model, group_size_ratio=0.5)
+    model.save_pretrained(tmp_path / "model")
+    ids, _ = batch(lengths=(24, 24))
+    expected = model.eval()(ids).logits
+    torch.save(ids, tmp_path / "ids.pt")
+    script = textwrap.dedent(
+        f"""
+        import torch, transformers
+        try:
+            import longlora_hf
+            raise SystemExit("longlora_hf must not be importable here")
+        except ImportError:
+            pass
+        model = transformers.AutoModelForCausalLM.from_pretrained({str(tmp_path / "model")!r})
+        assert model.config._attn_implementation == "sdpa", model.config._attn_implementation
+        ids = torch.load({str(tmp_path / "ids.pt")!r}, weights_only=True)
+        torch.save(model(ids).logits, {str(tmp_path / "logits.pt")!r})
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": shadow_longlora_hf(tmp_path), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt", weights_only=True), expected, atol=0, rtol=0)
+
+
+def test_settings_are_stored_on_the_config_and_survive_save_pretrained(tmp_path):
+    model = tiny_model("llama")
+    use_s2_attention(model, group_size=64)
+    model.save_pretrained(tmp_path)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="s2")
+    assert S2AttentionSettings.from_config(reloaded.config) == S2AttentionSettings(group_size=64)
+
+
+def test_a_model_that_does_not_dispatch_through_the_registry_is_refused():
+    config = transformers.FalconConfig(
+        vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, multi_query=True
+    )
+    model = transformers.FalconForCausalLM(config)
+    with pytest.raises(ValueError, match="FalconForCausalLM does not dispatch attention through"):
+        use_s2_attention(model)
+
+
+def test_an_encoder_is_refused():
+    config = transformers.BertConfig(
+        vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64
+    )
+    with pytest.raises(ValueError, match="BertForMaskedLM is non-causal.*attn_implementation='sdpa'"):
+        use_s2_attention(transformers.BertForMaskedLM(config))
+
+
+def test_an_encoder_loaded_with_s2_fails_clearly_in_training():
+    config = transformers.BertConfig(
+        vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64
+    )
+    model = transformers.BertForMaskedLM(config)
+    model.set_attn_implementation("s2")
+    model.train()
+    with pytest.raises(ValueError, match="non-causal"):
+        model(torch.randint(0, 128, (1, 16)))
+
+
+def test_an_odd_number_of_heads_is_refused():
+    model = transformers.LlamaForCausalLM(tiny_config("llama", num_attention_heads=3, num_key_value_heads=1, hidden_size=24))
+    with pytest.raises(ValueError, match=r"num_attention_heads=3 \(odd\)"):
+        use_s2_attention(model)
+
+
+def test_bad_settings_leave_the_model_unchanged():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match=r"got 1.5"):
+        use_s2_attention(model, group_size_ratio=1.5)
+    assert model.config._attn_implementation == "sdpa"
+    assert not hasattr(model.config, "s2_attention")
