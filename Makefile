@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch: a bare `torch` requirement would pull a multi-GB CUDA build on a CPU machine.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test bench
+.PHONY: setup example test bench
 
 setup: $(VENV)/.installed
 
@@ -16,8 +16,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $@
 
-demo: setup
-	$(BIN)/longlora-hf demo
+example: setup
+	$(BIN)/longlora-hf example
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n 2 tests

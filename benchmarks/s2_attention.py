@@ -33,19 +33,26 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _attention_step(kind: str, length: int, device) -> None:
+def _attention_step(kind: str, length: int, device):
+    """Return a closure running one forward+backward of the attention alone."""
+    # [batch, seq, heads, dim] viewed as [batch, heads, seq, dim]: the layout models hand to attention.
     query, key, value = (
-        torch.randn(1, HEADS, length, HEAD_DIM, device=device, requires_grad=True) for _ in range(3)
+        torch.randn(1, length, HEADS, HEAD_DIM, device=device).transpose(1, 2).requires_grad_() for _ in range(3)
     )
-    if kind == "dense":
-        out = F.scaled_dot_product_attention(query, key, value, is_causal=True)
-    else:
-        module = SimpleNamespace(config=SimpleNamespace(s2_attention=None), training=True, is_causal=True)
-        out, _ = s2_attention_forward(module, query, key, value, None)
-    out.sum().backward()
+    module = SimpleNamespace(config=SimpleNamespace(s2_attention=None), training=True, is_causal=True)
+
+    def step():
+        if kind == "dense":
+            out = F.scaled_dot_product_attention(query, key, value, is_causal=True)
+        else:
+            out, _ = s2_attention_forward(module, query, key, value, None)
+        out.sum().backward()
+
+    return step
 
 
-def _llama_step(kind: str, length: int, device) -> None:
+def _llama_step(kind: str, length: int, device):
+    """Return a closure running one training forward+backward of a small Llama."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -65,30 +72,34 @@ def _llama_step(kind: str, length: int, device) -> None:
     else:
         model.set_attn_implementation("sdpa")
     ids = torch.randint(0, 1000, (1, length), device=device)
-    model(ids, labels=ids).loss.backward()
+
+    def step():
+        model(ids, labels=ids).loss.backward()
+
+    return step
 
 
 STEPS = {"attention": _attention_step, "llama": _llama_step}
 
 
 def _measure(step: str, kind: str, length: int, repeats: int) -> dict:
-    """Time `repeats` runs after one warm-up and return the median and the peak memory (this process)."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    run = STEPS[step]
+    """Median time of `repeats` runs after one warm-up, and the peak memory of this process."""
     import resource
 
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    run(kind, length, device)
+    run = STEPS[step](kind, length, device)
+    run()
     times = []
     for _ in range(repeats):
         _sync(device)
         start = time.perf_counter()
-        run(kind, length, device)
+        run()
         _sync(device)
         times.append(time.perf_counter() - start)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-        run(kind, length, device)
+        run()
         peak = torch.cuda.max_memory_allocated()
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline

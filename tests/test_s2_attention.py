@@ -198,14 +198,14 @@ def test_flash_inner_backend_without_flash_attn_installed_says_how_to_fix_it():
         s2_attention_forward(module, query, key, value, None)
 
 
-def test_layout_orders_groups_of_equal_length_into_buckets():
+def test_layout_describes_runs_of_equal_groups_in_token_order():
     layout = s2_layout(torch.ones(2, 16, dtype=torch.bool), None, S2AttentionSettings())
     assert layout.token_index is None
     assert layout.cu_seqlens[0].tolist() == [0, 4, 8, 12, 16, 20, 24, 28, 32]
     assert layout.cu_seqlens[1].tolist() == [0, 2, 6, 10, 14, 16, 18, 22, 26, 30, 32]
-    assert layout.order[0] is None and layout.buckets[0] == [(4, 8)]
-    assert layout.buckets[1] == [(2, 4), (4, 6)]
-    assert layout.order[1][:8].tolist() == [0, 1, 14, 15, 16, 17, 30, 31]
+    assert layout.runs[0] == [(0, 4, 8)]
+    assert layout.runs[1] == [(0, 2, 1), (2, 4, 3), (14, 2, 2), (18, 4, 3), (30, 2, 1)]
+    assert layout.max_seqlen == (4, 4)
 
 
 def test_dropout_is_applied_in_training():

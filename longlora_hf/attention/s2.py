@@ -42,16 +42,15 @@ class S2Layout:
     - `cu_seqlens[h]`: cumulative group lengths over the real tokens, int32, starting at 0 (the
       `cu_seqlens_q/k` of flash-attn's varlen API);
     - `max_seqlen[h]`: the longest group;
-    - `order[h]`: the real tokens reordered so that groups of equal length are adjacent (None when
-      the natural order already is), and `buckets[h]`: `(group length, number of groups)` in that
-      order, so that each bucket is one batched SDPA call on a view, with no per-group copies.
+    - `runs[h]`: `(start, group length, number of groups)` for each maximal run of consecutive
+      groups of equal length, in token order. A run is a view `[groups, length, heads, dim]` of the
+      tokens, so the SDPA path batches groups without gathering them.
     """
 
     token_index: torch.Tensor | None
     cu_seqlens: tuple[torch.Tensor, torch.Tensor]
     max_seqlen: tuple[int, int]
-    order: tuple[torch.Tensor | None, torch.Tensor | None]
-    buckets: tuple[list[tuple[int, int]], list[tuple[int, int]]]
+    runs: tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]
 
 
 def segment_lengths(real: torch.Tensor, position_ids: torch.Tensor | None) -> list[int]:
@@ -85,22 +84,16 @@ def group_lengths(length: int, group_size: int) -> tuple[list[int], list[int]]:
     return unshifted, shifted
 
 
-def _buckets(lengths: list[int]) -> tuple[torch.Tensor | None, list[tuple[int, int]]]:
-    """Order the tokens so that groups of equal length are adjacent; return (order or None, buckets)."""
-    lengths_t = torch.tensor(lengths)
-    starts = torch.cumsum(lengths_t, 0) - lengths_t
-    by_length = torch.argsort(lengths_t, stable=True)
-    sorted_lengths = lengths_t[by_length]
-    values, counts = torch.unique_consecutive(sorted_lengths, return_counts=True)
-    buckets = list(zip(values.tolist(), counts.tolist()))
-    if bool((by_length == torch.arange(len(lengths))).all()):
-        return None, buckets
-    # token order: the tokens of group by_length[0], then of by_length[1], ...
-    group_starts = torch.repeat_interleave(starts[by_length], sorted_lengths)
-    within = torch.arange(int(lengths_t.sum())) - torch.repeat_interleave(
-        torch.cumsum(sorted_lengths, 0) - sorted_lengths, sorted_lengths
-    )
-    return group_starts + within, buckets
+def _runs(lengths: list[int]) -> list[tuple[int, int, int]]:
+    """Maximal runs of consecutive groups of equal length: [(start token, group length, number of groups)]."""
+    runs, start = [], 0
+    for length in lengths:
+        if runs and runs[-1][1] == length and runs[-1][0] + runs[-1][1] * runs[-1][2] == start:
+            runs[-1] = (runs[-1][0], length, runs[-1][2] + 1)
+        else:
+            runs.append((start, length, 1))
+        start += length
+    return runs
 
 
 def s2_layout(
@@ -118,10 +111,9 @@ def s2_layout(
         F.pad(torch.tensor(half, dtype=torch.int32).cumsum(0, dtype=torch.int32), (1, 0)).to(device)
         for half in lengths
     )
-    orders, buckets = zip(*(_buckets(half) for half in lengths))
-    orders = tuple(None if order is None else order.to(device) for order in orders)
     token_index = None if bool(real_cpu.all()) else real_cpu.flatten().nonzero().squeeze(1).to(device)
-    return S2Layout(token_index, cu_seqlens, (max(lengths[0]), max(lengths[1])), orders, buckets)
+    runs = (_runs(lengths[0]), _runs(lengths[1]))
+    return S2Layout(token_index, cu_seqlens, (max(lengths[0]), max(lengths[1])), runs)
 
 
 def real_tokens_from_mask(attention_mask: torch.Tensor | None, batch: int, seq: int, device) -> torch.Tensor:
@@ -165,39 +157,44 @@ def sdpa_varlen(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    order: torch.Tensor | None,
-    buckets: list[tuple[int, int]],
+    runs: list[tuple[int, int, int]],
     dropout: float,
     scaling: float | None,
     sliding_window: int | None,
 ) -> torch.Tensor:
     """Causal attention inside each group, with SDPA: one batched call per distinct group length.
 
-    query: [tokens, heads, dim], key/value: [tokens, kv_heads, dim] -> [tokens, heads, dim]. The tokens
-    are first put in `order` (groups of equal length adjacent), so each bucket is a view.
+    query: [tokens, heads, dim], key/value: [tokens, kv_heads, dim] -> [tokens, heads, dim]. Each run of
+    equal groups is a view; runs of the same length (other rows, other documents) are concatenated
+    into one call.
     """
-    if order is not None:
-        query, key, value = (x.index_select(0, order) for x in (query, key, value))
     enable_gqa = query.shape[1] != key.shape[1]
-    # split, not slicing: its backward concatenates instead of filling a zero tensor per slice.
-    sizes = [count * length for length, count in buckets]
-    outputs = []
-    for (length, count), *qkv in zip(buckets, *(x.split(sizes) for x in (query, key, value))):
-        # [count * length, heads, dim] -> [count, heads, length, dim]
-        q, k, v = (x.unflatten(0, (count, length)).transpose(1, 2) for x in qkv)
+    # The runs tile the tokens in order. `split`, unlike slicing, has a backward that concatenates
+    # instead of filling a zero tensor of the whole input per piece.
+    sizes = [length * count for _, length, count in runs]
+    pieces = [x.split(sizes) for x in (query, key, value)]
+    by_length: dict[int, list[int]] = {}
+    for index, (_, length, _) in enumerate(runs):
+        by_length.setdefault(length, []).append(index)
+    run_outputs: list[torch.Tensor | None] = [None] * len(runs)
+    for length, members in by_length.items():
+        # [groups * length, heads, dim] -> [groups, heads, length, dim]
+        q, k, v = (
+            (x[members[0]] if len(members) == 1 else torch.cat([x[i] for i in members]))
+            .unflatten(0, (-1, length))
+            .transpose(1, 2)
+            for x in pieces
+        )
         mask = None
         if sliding_window is not None and sliding_window < length:
             mask = _sliding_window_mask(length, sliding_window, query.device)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None, scale=scaling, enable_gqa=enable_gqa
         )
-        outputs.append(out.transpose(1, 2).flatten(0, 1))  # [count * length, heads, dim]
-    out = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
-    if order is None:
-        return out
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=order.device)
-    return out.index_select(0, inverse)
+        out = out.transpose(1, 2).flatten(0, 1)  # [groups * length, heads, dim]
+        for i, piece in zip(members, out.split([runs[i][2] * length for i in members])):
+            run_outputs[i] = piece
+    return torch.cat(run_outputs) if len(run_outputs) > 1 else run_outputs[0]
 
 
 def _load_flash_varlen():
@@ -314,7 +311,7 @@ def s2_attention_forward(
             )
         else:
             out = sdpa_varlen(
-                q_half, k_half, v_half, layout.order[half], layout.buckets[half], dropout, scaling, sliding_window
+                q_half, k_half, v_half, layout.runs[half], dropout, scaling, sliding_window
             )
         halves.append(out)
     out = torch.cat(halves, dim=1)  # [tokens, heads, dim]
