@@ -3,9 +3,10 @@
     python benchmarks/s2_attention.py [--lengths 4096 8192 16384] [--repeats 3] [--model-length 8192]
 
 Prints, for each sequence length (batch 1, 8 heads, head dim 64, float32), the median forward+backward
-time of dense causal SDPA and of S2-Attn (4 groups), the ratio dense/S2, and the peak memory of each;
-then the same ratio for one training step of a small Llama. Peak memory is CUDA's allocator peak on a
-GPU and, on the CPU, the growth of the process's peak resident set over its state after imports (measured in a fresh subprocess per case).
+time of dense causal SDPA and of S2-Attn (4 groups), timed alternately in one process, the ratio
+dense/S2, and the peak memory of each; then the same for one training step of a small Llama. Peak
+memory is measured in a fresh process per case: CUDA's allocator peak on a GPU; on the CPU, the growth
+of the process's peak resident set during set-up and one step (inputs, and model weights, included).
 """
 
 from __future__ import annotations
@@ -82,50 +83,63 @@ def _llama_step(kind: str, length: int, device):
 STEPS = {"attention": _attention_step, "llama": _llama_step}
 
 
-def _measure(step: str, kind: str, length: int, repeats: int) -> dict:
-    """Median time of `repeats` runs after one warm-up, and the peak memory of this process."""
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _time(step: str, length: int, repeats: int) -> dict:
+    """Median time of dense and of S2, run alternately (after one warm-up each) so drift hits both."""
+    device = _device()
+    runs = {kind: STEPS[step](kind, length, device) for kind in ("dense", "s2")}
+    times = {kind: [] for kind in runs}
+    for _ in range(repeats + 1):
+        for kind, run in runs.items():
+            _sync(device)
+            start = time.perf_counter()
+            run()
+            _sync(device)
+            times[kind].append(time.perf_counter() - start)
+    return {kind: statistics.median(values[1:]) for kind, values in times.items()}
+
+
+def _peak_memory(step: str, kind: str, length: int) -> int:
+    """Peak memory of one step: CUDA's allocator peak, or on the CPU the growth of this process's peak RSS."""
     import resource
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device()
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     run = STEPS[step](kind, length, device)
-    run()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        run()
-        _sync(device)
-        times.append(time.perf_counter() - start)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         run()
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
-    return {"seconds": statistics.median(times), "peak_bytes": peak, "device": device.type}
+        return torch.cuda.max_memory_allocated()
+    run()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
 
 
-def _measure_in_subprocess(step: str, kind: str, length: int, repeats: int) -> dict:
-    # A fresh process per case, so that one case's peak memory does not hide the next one's.
+def _in_subprocess(function: str, *args) -> object:
+    # A fresh process per measurement, so that one case's memory does not hide the next one's.
     code = (
         "import json, sys; sys.path.insert(0, sys.argv[1]); import s2_attention as b; "
-        "print(json.dumps(b._measure(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))))"
+        "print(json.dumps(getattr(b, sys.argv[2])(*json.loads(sys.argv[3]))))"
     )
     here = os.path.dirname(os.path.abspath(__file__))
     result = subprocess.run(
-        [sys.executable, "-c", code, here, step, kind, str(length), str(repeats)],
-        check=True,
-        capture_output=True,
-        text=True,
+        [sys.executable, "-c", code, here, function, json.dumps(args)], check=True, capture_output=True, text=True
     )
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def _row(step: str, length: int, repeats: int) -> dict:
-    dense = _measure_in_subprocess(step, "dense", length, repeats)
-    s2 = _measure_in_subprocess(step, "s2", length, repeats)
-    return {"step": step, "length": length, "dense": dense, "s2": s2, "ratio": dense["seconds"] / s2["seconds"]}
+    seconds = _in_subprocess("_time", step, length, repeats)
+    memory = {kind: _in_subprocess("_peak_memory", step, kind, length) for kind in ("dense", "s2")}
+    return {
+        "step": step,
+        "length": length,
+        "seconds": seconds,
+        "peak_bytes": memory,
+        "ratio": seconds["dense"] / seconds["s2"],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,9 +152,9 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = [_row("attention", length, args.repeats) for length in args.lengths]
     rows.append(_row("llama", args.model_length, args.repeats))
-    device = rows[0]["dense"]["device"]
+    device = _device().type
     print(f"S2-Attn (4 groups) vs dense causal SDPA, forward+backward, float32, on {device} "
-          f"({torch.get_num_threads()} threads), median of {args.repeats}")
+          f"({torch.get_num_threads()} threads), median of {args.repeats}, alternating")
     print(f"{'case':<34}{'dense s':>9}{'S2 s':>9}{'dense/S2':>10}{'dense MiB':>11}{'S2 MiB':>9}")
     for row in rows:
         case = (
@@ -149,8 +163,8 @@ def main(argv: list[str] | None = None) -> int:
             else f"Llama train step N={row['length']}"
         )
         print(
-            f"{case:<34}{row['dense']['seconds']:>9.3f}{row['s2']['seconds']:>9.3f}{row['ratio']:>10.2f}"
-            f"{row['dense']['peak_bytes'] / 2**20:>11.0f}{row['s2']['peak_bytes'] / 2**20:>9.0f}"
+            f"{case:<34}{row['seconds']['dense']:>9.3f}{row['seconds']['s2']:>9.3f}{row['ratio']:>10.2f}"
+            f"{row['peak_bytes']['dense'] / 2**20:>11.0f}{row['peak_bytes']['s2'] / 2**20:>9.0f}"
         )
     if args.json:
         with open(args.json, "w") as f:

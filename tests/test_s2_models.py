@@ -248,3 +248,20 @@ def test_bad_settings_leave_the_model_unchanged():
         use_s2_attention(model, group_size_ratio=1.5)
     assert model.config._attn_implementation == "sdpa"
     assert not hasattr(model.config, "s2_attention")
+
+
+def test_the_layout_is_computed_once_per_forward_not_once_per_layer(monkeypatch):
+    from longlora_hf.attention import s2
+
+    calls = []
+    original = s2.s2_layout
+    monkeypatch.setattr(s2, "s2_layout", lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
+    model = tiny_model("llama", num_hidden_layers=3)
+    use_s2_attention(model)
+    model.train()
+    ids, attention_mask = batch()
+    model(ids, attention_mask=attention_mask)
+    assert len(calls) == 1
+    attention_mask[1, 10:] = 0  # a new batch (new mask tensors): computed again
+    model(ids, attention_mask=attention_mask)
+    assert len(calls) == 2

@@ -23,7 +23,8 @@ exact dense attention through the inner backend ("sdpa" by default).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import weakref
+from dataclasses import astuple, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -97,10 +98,11 @@ def _runs(lengths: list[int]) -> list[tuple[int, int, int]]:
 
 
 def s2_layout(
-    real: torch.Tensor, position_ids: torch.Tensor | None, settings: S2AttentionSettings
+    real: torch.Tensor, position_ids: torch.Tensor | None, settings: S2AttentionSettings, device=None
 ) -> S2Layout:
-    """Build the layout of both halves for a batch. real: [batch, seq] bool, on any device."""
-    device = real.device
+    """Build the layout of both halves for a batch. real: [batch, seq] bool, on any device; the
+    layout's tensors go to `device` (default: real's)."""
+    device = real.device if device is None else device
     real_cpu = real.cpu()
     positions_cpu = None if position_ids is None else position_ids.cpu()
     lengths = ([], [])
@@ -116,7 +118,36 @@ def s2_layout(
     return S2Layout(token_index, cu_seqlens, (max(lengths[0]), max(lengths[1])), runs)
 
 
-def real_tokens_from_mask(attention_mask: torch.Tensor | None, batch: int, seq: int, device) -> torch.Tensor:
+_layout_cache: dict[str, tuple] = {}
+
+
+def cached_s2_layout(
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    batch: int,
+    seq: int,
+    settings: S2AttentionSettings,
+    device: torch.device,
+) -> S2Layout:
+    """`s2_layout` of this batch, computed once per forward pass rather than once per layer.
+
+    Every layer of one forward (and its recomputation under gradient checkpointing) receives the same
+    mask and position tensors, so the last layout is reused while they are the same live, unmodified
+    objects. This keeps the host-side work and the device-to-host copy it needs out of the layer loop.
+    """
+    tensors = (attention_mask, position_ids)
+    key = (batch, seq, device, astuple(settings), tuple(None if t is None else t._version for t in tensors))
+    cached = _layout_cache.get("last")
+    if cached is not None and cached[0] == key and all(
+        (ref is None and t is None) or (ref is not None and ref() is t) for ref, t in zip(cached[1], tensors)
+    ):
+        return cached[2]
+    layout = s2_layout(real_tokens_from_mask(attention_mask, batch, seq), position_ids, settings, device)
+    _layout_cache["last"] = (key, tuple(None if t is None else weakref.ref(t) for t in tensors), layout)
+    return layout
+
+
+def real_tokens_from_mask(attention_mask: torch.Tensor | None, batch: int, seq: int) -> torch.Tensor:
     """Which positions hold real tokens, from the mask the inner backend's mask function made.
 
     A 2D mask (flash-attn style) says it directly. In a 4D mask `[batch, 1, q, kv]` a token attends to
@@ -124,27 +155,30 @@ def real_tokens_from_mask(attention_mask: torch.Tensor | None, batch: int, seq: 
     packed masks alike; reading it costs O(seq), not O(seq^2).
     """
     if attention_mask is None:
-        return torch.ones(batch, seq, dtype=torch.bool, device=device)
+        return torch.ones(batch, seq, dtype=torch.bool)
     if attention_mask.dim() == 2:
-        return attention_mask[:, -seq:].bool()
+        return attention_mask[:, -seq:].bool().expand(batch, seq)
     diagonal = torch.diagonal(attention_mask[:, 0, :, -seq:], dim1=-2, dim2=-1)
-    if diagonal.dtype == torch.bool:
-        return diagonal
-    return diagonal == 0
+    real = diagonal if diagonal.dtype == torch.bool else diagonal == 0
+    return real.expand(batch, seq)
 
 
-def kv_heads_for(first: int, last: int, num_key_value_groups: int) -> slice | torch.Tensor:
-    """The key/value heads that query heads `[first, last)` read, under grouped-query attention.
+def kv_head_halves(key: torch.Tensor, heads: int) -> list[torch.Tensor]:
+    """The key (or value) heads read by each half of the query heads: [tokens, kv_heads, dim] -> two tensors.
 
-    A slice when the half maps onto whole kv heads (no copy; SDPA's `enable_gqa` or flash-attn
-    broadcast them), an index of repeated heads only when a kv head straddles the two halves.
+    Under grouped-query attention query head h reads kv head h // (heads / kv_heads). With an even
+    number of kv heads each half reads its own half of them (a split: no copy, and a backward that
+    concatenates); with one kv head (MQA) both halves read it. Only an odd number of kv heads, where
+    one kv head serves both halves, needs an index that repeats the straddling heads.
     """
-    if first % num_key_value_groups == 0 and last % num_key_value_groups == 0:
-        return slice(first // num_key_value_groups, last // num_key_value_groups)
-    if first // num_key_value_groups == (last - 1) // num_key_value_groups:
-        head = first // num_key_value_groups
-        return slice(head, head + 1)
-    return torch.arange(first, last) // num_key_value_groups
+    kv_heads = key.shape[1]
+    if kv_heads % 2 == 0:
+        return list(key.split(kv_heads // 2, dim=1))
+    if kv_heads == 1:
+        return [key, key]
+    group = heads // kv_heads
+    index = torch.arange(heads, device=key.device) // group
+    return [key.index_select(1, index[: heads // 2]), key.index_select(1, index[heads // 2 :])]
 
 
 def _sliding_window_mask(length: int, window: int, device) -> torch.Tensor:
@@ -294,17 +328,16 @@ def s2_attention_forward(
         )
 
     batch, heads, seq, dim = query.shape
-    layout = s2_layout(real_tokens_from_mask(attention_mask, batch, seq, query.device), position_ids, settings)
+    layout = cached_s2_layout(attention_mask, position_ids, batch, seq, settings, query.device)
     # [batch, heads, seq, dim] -> [batch * seq, heads, dim], then keep the real tokens only.
     q, k, v = (x.transpose(1, 2).reshape(batch * seq, x.shape[1], dim) for x in (query, key, value))
     if layout.token_index is not None:
         q, k, v = (x.index_select(0, layout.token_index) for x in (q, k, v))
 
-    num_key_value_groups = heads // key.shape[1]
     halves = []
-    for half, q_half in enumerate(q.split(heads // 2, dim=1)):
-        kv_heads = kv_heads_for(half * heads // 2, (half + 1) * heads // 2, num_key_value_groups)
-        k_half, v_half = k[:, kv_heads], v[:, kv_heads]
+    for half, (q_half, k_half, v_half) in enumerate(
+        zip(q.split(heads // 2, dim=1), kv_head_halves(k, heads), kv_head_halves(v, heads))
+    ):
         if settings.inner_attn_implementation == "flash_attention_2":
             out = flash_varlen(
                 q_half, k_half, v_half, layout.cu_seqlens[half], layout.max_seqlen[half], dropout, scaling, sliding_window
