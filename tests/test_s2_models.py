@@ -265,3 +265,34 @@ def test_the_layout_is_computed_once_per_forward_not_once_per_layer(monkeypatch)
     attention_mask[1, 10:] = 0  # a new batch (new mask tensors): computed again
     model(ids, attention_mask=attention_mask)
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("inner,expected_dims", [("sdpa", 4), ("flash_attention_2", 2)])
+def test_the_s2_mask_function_makes_the_mask_its_inner_backend_expects(inner, expected_dims):
+    from transformers.masking_utils import create_causal_mask
+
+    config = tiny_config("llama")
+    S2AttentionSettings(inner_attn_implementation=inner).write_to(config)
+    config._attn_implementation = "s2"
+    _, attention_mask = batch()
+    mask = create_causal_mask(
+        config=config, inputs_embeds=torch.zeros(2, 24, 32), attention_mask=attention_mask, past_key_values=None
+    )
+    assert mask.dim() == expected_dims
+    if expected_dims == 2:
+        assert torch.equal(mask, attention_mask.bool())
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    ids, attention_mask = batch()
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model("llama").double()
+        use_s2_attention(model)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        model(ids, attention_mask=attention_mask, labels=ids).loss.backward()
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
