@@ -290,9 +290,24 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         model = tiny_model("llama").double()
         use_s2_attention(model)
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         model(ids, attention_mask=attention_mask, labels=ids).loss.backward()
         grads.append([p.grad for p in model.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+def test_a_batch_from_data_collator_with_flattening_is_grouped_per_document():
+    """The packed format of TRL's padding_free=True: one row, position_ids restarting, flash-attn kwargs."""
+    from transformers import DataCollatorWithFlattening
+
+    generator = torch.Generator().manual_seed(5)
+    features = [{"input_ids": torch.randint(4, 128, (length,), generator=generator).tolist()} for length in (13, 20, 7)]
+    packed = DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_tensors="pt")(features)
+    model = tiny_model("llama").double().train()
+    register_reference(torch.ones(1, 40, dtype=torch.bool), position_ids=packed["position_ids"])
+    model.set_attn_implementation("s2_reference")
+    expected = model(**packed).logits
+    use_s2_attention(model)
+    torch.testing.assert_close(model(**packed).logits, expected, atol=1e-10, rtol=0)
