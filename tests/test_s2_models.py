@@ -311,3 +311,15 @@ def test_a_batch_from_data_collator_with_flattening_is_grouped_per_document():
     expected = model(**packed).logits
     use_s2_attention(model)
     torch.testing.assert_close(model(**packed).logits, expected, atol=1e-10, rtol=0)
+
+
+def test_set_attn_implementation_s2_on_a_loaded_model_uses_the_default_settings():
+    model = tiny_model("qwen2").double().train()
+    ids, attention_mask = batch()
+    register_reference(attention_mask.bool(), group_size_ratio=0.25)
+    model.set_attn_implementation("s2_reference")
+    expected = model(ids, attention_mask=attention_mask).logits
+    model.set_attn_implementation("s2")
+    got = model(ids, attention_mask=attention_mask).logits
+    real = attention_mask.bool()
+    torch.testing.assert_close(got[real], expected[real], atol=1e-10, rtol=0)
