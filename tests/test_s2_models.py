@@ -323,3 +323,18 @@ def test_set_attn_implementation_s2_on_a_loaded_model_uses_the_default_settings(
     got = model(ids, attention_mask=attention_mask).logits
     real = attention_mask.bool()
     torch.testing.assert_close(got[real], expected[real], atol=1e-10, rtol=0)
+
+
+def test_bfloat16_training_is_close_to_float32():
+    ids, attention_mask = batch()
+    logits = []
+    for dtype in (torch.float32, torch.bfloat16):
+        model = tiny_model("llama").to(dtype)
+        use_s2_attention(model)
+        model.train()
+        out = model(ids, attention_mask=attention_mask).logits
+        out.float().sum().backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+        logits.append(out.float())
+    real = attention_mask.bool()
+    torch.testing.assert_close(logits[1][real], logits[0][real], atol=2e-2, rtol=0)
