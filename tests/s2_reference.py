@@ -39,8 +39,10 @@ def s2_reference_mask(
     group_size: int | None = None,
     group_size_ratio: float = 0.25,
     sliding_window: int | None = None,
+    shift: bool = True,
 ) -> torch.Tensor:
-    """mask[b, h, i, j] is True when query i of head h may attend to key j."""
+    """mask[b, h, i, j] is True when query i of head h may attend to key j. shift=False: every head
+    uses the unshifted groups (short attention, the paper's Table 1 ablation)."""
     batch, n = real.shape
     mask = torch.zeros(batch, heads, n, n, dtype=torch.bool)
     for b in range(batch):
@@ -57,12 +59,12 @@ def s2_reference_mask(
                 if g < 2 or length <= g:  # fewer than two groups: dense
                     mask[b, :, i, j] = True
                     continue
-                shift = g // 2
+                half_group = g // 2
                 same_group = offset[i] // g == offset[j] // g
-                shifted_group_i = 0 if offset[i] < shift else 1 + (offset[i] - shift) // g
-                shifted_group_j = 0 if offset[j] < shift else 1 + (offset[j] - shift) // g
+                shifted_group_i = 0 if offset[i] < half_group else 1 + (offset[i] - half_group) // g
+                shifted_group_j = 0 if offset[j] < half_group else 1 + (offset[j] - half_group) // g
                 mask[b, : heads // 2, i, j] = same_group
-                mask[b, heads // 2 :, i, j] = shifted_group_i == shifted_group_j
+                mask[b, heads // 2 :, i, j] = (shifted_group_i == shifted_group_j) if shift else same_group
     return mask
 
 

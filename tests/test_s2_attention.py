@@ -39,7 +39,10 @@ def padding_mask_4d(real: torch.Tensor, position_ids: torch.Tensor | None = None
 
 @pytest.mark.parametrize("n", [7, 16, 19, 23, 64])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (8, 2), (6, 3), (4, 1), (8, 1)])
-@pytest.mark.parametrize("groups", [dict(group_size_ratio=0.25), dict(group_size=6), dict(group_size=5)])
+@pytest.mark.parametrize(
+    "groups",
+    [dict(group_size_ratio=0.25), dict(group_size=6), dict(group_size=5), dict(group_size_ratio=0.25, shift=False)],
+)
 def test_training_matches_the_dense_reference_mask(n, heads, kv_heads, groups):
     """MHA, GQA (also with a kv head straddling the two halves: 6/3) and MQA; N not divisible by G; batch 2."""
     query, key, value = qkv(2, heads, kv_heads, n)
@@ -255,6 +258,11 @@ def test_non_causal_attention_is_refused_in_training():
 def test_group_size_ratio_outside_zero_one_is_refused(ratio):
     with pytest.raises(ValueError, match=rf"group_size_ratio must be a number in \(0, 1\]; got {ratio!r}"):
         S2AttentionSettings(group_size_ratio=ratio)
+
+
+def test_shift_must_be_a_boolean():
+    with pytest.raises(ValueError, match="shift must be True or False; got 'yes'"):
+        S2AttentionSettings(shift="yes")
 
 
 @pytest.mark.parametrize("group_size", [1, 0, -4, 2.5])

@@ -14,6 +14,7 @@ __all__ = [
     "S2_ATTN_IMPLEMENTATION",
     "S2AttentionSettings",
     "S2Layout",
+    "check_s2_compatible",
     "register_attention",
     "s2_attention_forward",
     "s2_layout",
@@ -56,6 +57,7 @@ def use_s2_attention(
     group_size_ratio: float = 0.25,
     group_size: int | None = None,
     inner_attn_implementation: str = "sdpa",
+    shift: bool = True,
 ) -> S2AttentionSettings:
     """Switch a loaded transformers model to S2-Attn with the given group size; returns the settings.
 
@@ -63,7 +65,12 @@ def use_s2_attention(
     are stored in `model.config.s2_attention`, so `save_pretrained` records them; plain transformers
     ignores that key and loads the model with its default attention.
     """
-    settings = S2AttentionSettings(group_size_ratio, group_size, inner_attn_implementation)
+    settings = S2AttentionSettings(
+        group_size_ratio=group_size_ratio,
+        group_size=group_size,
+        shift=shift,
+        inner_attn_implementation=inner_attn_implementation,
+    )
     check_s2_compatible(model)
     settings.write_to(model.config)
     text_config = model.config.get_text_config()

@@ -71,14 +71,16 @@ def segment_lengths(real: torch.Tensor, position_ids: torch.Tensor | None) -> li
     return torch.bincount(segment_of_token)[1:].tolist()
 
 
-def group_lengths(length: int, group_size: int) -> tuple[list[int], list[int]]:
+def group_lengths(length: int, group_size: int, shift: bool = True) -> tuple[list[int], list[int]]:
     """The group lengths of one segment, for the unshifted and the shifted half of the heads."""
     if group_size < 2 or length <= group_size:
         return [length], [length]
-    shift = group_size // 2
     unshifted = [group_size] * (length // group_size)
     if length % group_size:
         unshifted.append(length % group_size)
+    if not shift:
+        return unshifted, unshifted
+    shift = group_size // 2
     shifted = [shift] + [group_size] * ((length - shift) // group_size)
     if (length - shift) % group_size:
         shifted.append((length - shift) % group_size)
@@ -107,7 +109,7 @@ def s2_layout(
     positions_cpu = None if position_ids is None else position_ids.cpu()
     lengths = ([], [])
     for length in segment_lengths(real_cpu, positions_cpu):
-        for half, groups in zip(lengths, group_lengths(length, settings.group_size_for(length))):
+        for half, groups in zip(lengths, group_lengths(length, settings.group_size_for(length), settings.shift)):
             half.extend(groups)
     cu_seqlens = tuple(
         F.pad(torch.tensor(half, dtype=torch.int32).cumsum(0, dtype=torch.int32), (1, 0)).to(device)

@@ -33,6 +33,13 @@ class S2AttentionSettings:
         default=None,
         metadata={"help": "Absolute group size in tokens (at least 2). Overrides `group_size_ratio` when set."},
     )
+    shift: bool = field(
+        default=True,
+        metadata={
+            "help": "Shift the groups of half of the heads by half a group (S2-Attn). False gives plain short "
+            "attention within groups, with no information flow between them: the paper's Table 1 ablation."
+        },
+    )
     inner_attn_implementation: str = field(
         default="sdpa",
         metadata={
@@ -55,6 +62,8 @@ class S2AttentionSettings:
                 f"group_size must be an integer of at least 2 tokens; got {self.group_size!r}. "
                 "Pass group_size=None to use group_size_ratio instead."
             )
+        if not isinstance(self.shift, bool):
+            raise ValueError(f"shift must be True or False; got {self.shift!r}.")
         if self.inner_attn_implementation not in INNER_ATTN_IMPLEMENTATIONS:
             raise ValueError(
                 f"inner_attn_implementation must be one of {INNER_ATTN_IMPLEMENTATIONS}; "
