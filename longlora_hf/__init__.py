@@ -7,6 +7,7 @@ from .attention import (
     s2_attention_forward,
     use_s2_attention,
 )
+from .tuner import LongLoraConfig, register_tuner, save_as_plain_lora
 
 __version__ = "0.1.0"
 
@@ -14,14 +15,17 @@ __version__ = "0.1.0"
 def register() -> None:
     """Register the package's plugins with transformers (idempotent)."""
     register_attention()
+    register_tuner()
 
 
 register()
 
 __all__ = [
+    "LongLoraConfig",
     "S2_ATTN_IMPLEMENTATION",
     "S2AttentionSettings",
     "register",
     "s2_attention_forward",
+    "save_as_plain_lora",
     "use_s2_attention",
 ]

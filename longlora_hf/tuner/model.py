@@ -1,0 +1,120 @@
+"""How LongLoRA is injected: position interpolation, LoRA on attention, LoRA+ modules, S2-Attn."""
+
+from __future__ import annotations
+
+import torch
+from peft.tuners.lora import LoraModel
+from peft.utils.other import AuxiliaryTrainingWrapper
+from torch import nn
+
+from ..attention import S2_ATTN_IMPLEMENTATION, check_s2_compatible, use_s2_attention
+from .config import LongLoraConfig
+from .position_interpolation import apply_position_interpolation
+
+
+def attention_projection_names(model: nn.Module) -> list[str]:
+    """Leaf names of the linear layers directly inside the attention modules (q/k/v/o, fused qkv, dense...).
+
+    Attention modules are found by their class (`...Attention`), not by a list of names, so fused and
+    unusual layouts are covered.
+    """
+    names = set()
+    for module in model.modules():
+        if module is model or not type(module).__name__.endswith("Attention"):
+            continue
+        # `base_layer`: a projection that already carries another adapter (`load_adapter`)
+        names.update(
+            name for name, child in module.named_children() if isinstance(getattr(child, "base_layer", child), nn.Linear)
+        )
+    if not names:
+        attention_like = sorted({type(m).__name__ for m in model.modules() if "attn" in type(m).__name__.lower()})
+        linear = sorted({name.rpartition(".")[2] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ValueError(
+            f"Found no attention projections in {type(model).__name__}: no module class ending in 'Attention' "
+            f"holds a linear layer. Attention-like classes found: {attention_like or 'none'}; linear layers: "
+            f"{linear}. Pass target_modules=[...] naming the attention projections."
+        )
+    return sorted(names)
+
+
+def is_normalization(module: nn.Module) -> bool:
+    """Layer norms, RMS norms and group norms, built-in or architecture-specific (`LlamaRMSNorm`...)."""
+    if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)):
+        return True
+    return type(module).__name__.endswith("Norm") and any(True for _ in module.parameters(recurse=False))
+
+
+def lora_plus_module_names(model: nn.Module, embeddings: bool, norms: bool) -> list[str]:
+    """Leaf names of the modules LoRA+ trains: the input embedding and every normalization layer.
+
+    Leaf names keep the adapter config short and portable; they are used only when every module with
+    that leaf name is one LoRA+ trains, full names otherwise.
+    """
+    # A module another adapter already saves is wrapped by PEFT: look at the wrapper, not inside it.
+    modules, wrapped = {}, ()
+    for name, module in model.named_modules():
+        if wrapped and name.startswith(wrapped):
+            continue
+        if isinstance(module, AuxiliaryTrainingWrapper):
+            modules[name] = module.original_module
+            wrapped = name + "."
+        else:
+            modules[name] = module
+    wanted = set()
+    if embeddings:
+        embedding = model.get_input_embeddings()
+        embedding = getattr(embedding, "original_module", embedding)
+        wanted.update(name for name, m in modules.items() if m is embedding)
+    if norms:
+        wanted.update(name for name, m in modules.items() if is_normalization(m))
+    leaves = {}
+    for name in modules:
+        leaves.setdefault(name.rpartition(".")[2], []).append(name)
+    result = set()
+    for name in wanted:
+        leaf = name.rpartition(".")[2]
+        result.add(leaf if all(other in wanted for other in leaves[leaf]) else name)
+    return sorted(result)
+
+
+class LongLoraModel(LoraModel):
+    """The PEFT tuner behind `LongLoraConfig`: LoRA's machinery, with LongLoRA's model changes first."""
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
+        # Called on creation and by `load_adapter`/`add_adapter` alike, so loading an adapter restores
+        # the position interpolation it was trained with.
+        prepare_model_for_longlora(model, self.peft_config[adapter_name])
+        super().inject_adapter(model, adapter_name, **kwargs)
+
+    def merge_and_unload(self, *args, **kwargs) -> torch.nn.Module:
+        """Merge LoRA and the LoRA+ modules into a plain transformers model with dense attention."""
+        model = super().merge_and_unload(*args, **kwargs)
+        if model.config._attn_implementation == S2_ATTN_IMPLEMENTATION:
+            model.set_attn_implementation("sdpa")
+        for config in {id(model.config): model.config, id(model.config.get_text_config()): model.config.get_text_config()}.values():
+            if hasattr(config, "s2_attention"):
+                del config.s2_attention
+        return model
+
+
+def prepare_model_for_longlora(model: nn.Module, config: LongLoraConfig) -> None:
+    """Apply a LongLoraConfig's changes to the base model and fill in what it resolves per architecture."""
+    train_s2 = config.use_s2_attn and not config.inference_mode
+    if train_s2:
+        check_s2_compatible(model)  # before anything changes the model
+    if config.target_modules is None:
+        config.target_modules = set(attention_projection_names(model))
+    trainable = lora_plus_module_names(model, config.trainable_embeddings, config.trainable_norms)
+    config.modules_to_save = sorted(set(config.modules_to_save or []) | set(trainable))
+    if config.trainable_embeddings and getattr(model.config.get_text_config(), "tie_word_embeddings", False):
+        config.ensure_weight_tying = True
+
+    if config.target_context_length is not None:
+        plan = apply_position_interpolation(model, config.target_context_length, config.rope_type)
+        if config.position_interpolation_factor is None:
+            config.original_context_length = plan.original_context_length
+            config.position_interpolation_factor = plan.factor
+    if train_s2:
+        use_s2_attention(model, group_size_ratio=config.group_size_ratio, group_size=config.group_size)
+    elif model.config._attn_implementation == S2_ATTN_IMPLEMENTATION:
+        model.set_attn_implementation("sdpa")
