@@ -269,12 +269,20 @@ def test_target_context_length_must_be_a_positive_integer(value):
         LongLoraConfig(target_context_length=value)
 
 
-def test_interpolating_a_model_without_rope_is_refused_and_changes_nothing():
-    config = transformers.GPT2Config(vocab_size=128, n_embd=32, n_layer=1, n_head=4, n_positions=64)
-    model = transformers.GPT2LMHeadModel(config)
-    with pytest.raises(ValueError, match="GPT2Config has no rotary position embeddings.*learned absolute positions or ALiBi"):
-        get_peft_model(model, LongLoraConfig(target_context_length=1024, use_s2_attn=False, target_modules=["c_attn"]))
-    assert model.config.n_positions == 64 and not hasattr(model, "peft_config")
+@pytest.mark.parametrize(
+    "make,targets",
+    [
+        (lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=128, n_embd=32, n_layer=1, n_head=4, bos_token_id=0, eos_token_id=0)), ["c_attn"]),
+        (lambda: transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=128, hidden_size=32, n_layer=1, n_head=4)), None),
+    ],
+    ids=["learned-positions", "alibi"],
+)
+def test_interpolating_a_model_without_rope_is_refused_and_changes_nothing(make, targets):
+    model = make()
+    config_before = model.config.to_dict()
+    with pytest.raises(ValueError, match="has no rotary position embeddings.*learned absolute positions or ALiBi"):
+        get_peft_model(model, LongLoraConfig(target_context_length=1024, use_s2_attn=False, target_modules=targets))
+    assert model.config.to_dict() == config_before and not hasattr(model, "peft_config")
 
 
 def test_an_architecture_without_findable_attention_projections_lists_what_was_found():
