@@ -7,6 +7,7 @@ from .attention import (
     s2_attention_forward,
     use_s2_attention,
 )
+from . import metrics
 from .tuner import LongLoraConfig, register_tuner, save_as_plain_lora
 
 __version__ = "0.1.0"
@@ -24,6 +25,7 @@ __all__ = [
     "LongLoraConfig",
     "S2_ATTN_IMPLEMENTATION",
     "S2AttentionSettings",
+    "metrics",
     "register",
     "s2_attention_forward",
     "save_as_plain_lora",

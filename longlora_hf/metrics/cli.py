@@ -1,0 +1,75 @@
+"""`longlora-hf eval`: perplexity by context length and passkey retrieval for a model (and adapter)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_eval_command(subparsers) -> None:
+    parser = subparsers.add_parser("eval", help="Perplexity by context length and passkey retrieval; table, JSON, PNG.")
+    parser.add_argument("--model", required=True, help="Model path or Hub id (loaded with safetensors, no remote code).")
+    parser.add_argument("--adapter", help="A LongLoRA or LoRA adapter path or Hub id to load on the model.")
+    parser.add_argument("--data", required=True, type=Path, help="Texts: .txt (one document), .jsonl (a 'text' field per line), or .bin (uint16 token ids).")
+    parser.add_argument("--lengths", required=True, type=int, nargs="+", help="Evaluation context lengths, e.g. 2048 4096 8192.")
+    parser.add_argument("--protocol", default="longlora", choices=["longlora", "strided"])
+    parser.add_argument("--stride", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--beyond-context", default="warn", choices=["warn", "error"], help="Lengths beyond the model's context: warn or refuse.")
+    parser.add_argument("--passkey-depths", type=float, nargs="*", default=[], help="Also run passkey retrieval at these depths (fractions in [0, 1]).")
+    parser.add_argument("--passkey-trials", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("eval_results"))
+    parser.set_defaults(run=run_eval)
+
+
+def read_texts(path: Path) -> list[str]:
+    if not path.is_file():
+        raise FileNotFoundError(f"--data {path}: no such file.")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"--data {path} is not UTF-8 text (byte {error.start}); convert it to UTF-8.") from error
+    if path.suffix == ".jsonl":
+        texts = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                texts.append(json.loads(line)["text"])
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise ValueError(f"--data {path} line {number}: expected a JSON object with a 'text' field ({error}).") from error
+        return texts
+    return [text]
+
+
+def run_eval(args) -> int:
+    from .passkey import passkey_retrieval
+    from .perplexity import compute_perplexity, load_model_and_tokenizer
+    from .report import perplexity_table, plot_passkey, plot_perplexity, write_json
+
+    model, tokenizer = load_model_and_tokenizer(args.model, adapter=args.adapter)
+    data = {"token_file": args.data} if args.data.suffix == ".bin" else {"predictions": read_texts(args.data)}
+    result = compute_perplexity(
+        model, tokenizer, context_lengths=args.lengths, protocol=args.protocol, stride=args.stride,
+        batch_size=args.batch_size, beyond_context=args.beyond_context, **data,
+    )
+    name = args.model if args.adapter is None else f"{args.model} + {args.adapter}"
+    rows = {name: {length: row["perplexity"] for length, row in result["by_context_length"].items()}}
+    args.out.mkdir(parents=True, exist_ok=True)
+    print(f"perplexity ({args.protocol} protocol, stride {args.stride})")
+    print(perplexity_table(rows))
+    report = {"model": args.model, "adapter": args.adapter, "perplexity": result}
+    plot_perplexity(rows, args.out / "perplexity.png")
+    if args.passkey_depths:
+        passkey = passkey_retrieval(model, tokenizer, args.lengths, args.passkey_depths, args.passkey_trials, args.seed)
+        report["passkey"] = passkey
+        plot_passkey(passkey["accuracy"], args.out / "passkey.png")
+        print("passkey accuracy (rows: depth, columns: context length)")
+        for depth in args.passkey_depths:
+            print(f"{depth:>6.2f}" + "".join(f"{passkey['accuracy'][length][depth]:>10.2f}" for length in args.lengths))
+    write_json(report, args.out / "results.json")
+    print(f"wrote {args.out / 'results.json'} and PNG plots in {args.out}")
+    return 0

@@ -1,0 +1,221 @@
+"""Perplexity and passkey metrics, loaded with `evaluate.load`, and the `longlora-hf eval` report."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import evaluate
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_model
+from peft import LoraConfig, get_peft_model
+
+import longlora_hf
+from longlora_hf.cli import main as cli_main
+from longlora_hf.metrics import longlora_window_starts, passkey_prompt
+from longlora_hf.metrics.passkey import FILLER, information_line, passkey_retrieval
+
+@pytest.fixture(scope="module")
+def bpe_tokenizer():
+    """The bundled demo model's byte-level BPE tokenizer: it spells out digits, which passkeys need."""
+    from transformers import PreTrainedTokenizerFast
+
+    from longlora_hf.demo import ASSETS
+
+    return PreTrainedTokenizerFast.from_pretrained(ASSETS)
+
+
+STREAM = torch.randint(4, 128, (1500,), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def perplexity_metric():
+    return evaluate.load(longlora_hf.metrics.PERPLEXITY)
+
+
+def by_hand_window_loss(model, window: torch.Tensor, scored_from: int = 1) -> tuple[float, int]:
+    """Sum of -log p(token | prefix) over positions >= scored_from of one window, from the logits."""
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model(window[None]).logits[0].double(), -1)
+    total = sum(-log_probs[i - 1, window[i]].item() for i in range(scored_from, len(window)))
+    return total, len(window) - scored_from
+
+
+def test_longlora_windows_are_the_reference_definition():
+    # eval.py: all_ix = range(0, len(data) - seq_length, 256); all_ix.pop()
+    assert longlora_window_starts(1500, 300) == [0, 256, 512, 768]
+    assert longlora_window_starts(1000, 300, stride=256) == [0, 256]
+    assert longlora_window_starts(600, 300) == [0]
+    assert longlora_window_starts(300, 300) == []
+
+
+def test_longlora_protocol_equals_mean_window_cross_entropy_by_hand(perplexity_metric):
+    model = tiny_model("llama").double()
+    result = perplexity_metric.compute(model=model, input_ids=STREAM, context_lengths=[200, 300], progress=False)
+    for length, perplexity in zip([200, 300], result["perplexities"]):
+        losses = []
+        for start in list(range(0, 1500 - length, 256))[:-1]:
+            total, count = by_hand_window_loss(model, STREAM[start : start + length])
+            losses.append(total / count)
+        assert perplexity == pytest.approx(math.exp(sum(losses) / len(losses)), abs=1e-6)
+    assert result["mean_perplexity"] == pytest.approx(sum(result["perplexities"]) / 2)
+
+
+def test_strided_protocol_scores_each_token_once_by_hand(perplexity_metric):
+    model = tiny_model("llama").double()
+    length, stride = 300, 200
+    result = perplexity_metric.compute(model=model, input_ids=STREAM[:1000], context_lengths=[length], protocol="strided", stride=stride, progress=False)
+    total, count, previous_end = 0.0, 0, 0
+    for begin in range(0, 1000, stride):
+        end = min(begin + length, 1000)
+        window_total, window_count = by_hand_window_loss(model, STREAM[begin:end], scored_from=max(1, previous_end - begin))
+        total, count, previous_end = total + window_total, count + window_count, end
+        if end == 1000:
+            break
+    assert count == 999
+    assert result["perplexities"][0] == pytest.approx(math.exp(total / count), abs=1e-6)
+
+
+def test_texts_and_a_uint16_token_file_give_the_same_result_as_ids(perplexity_metric, tiny_tokenizer, tmp_path):
+    model = tiny_model("llama")
+    texts = [" ".join(f"w{(i * 7 + j) % 90}" for j in range(400)) for i in range(2)]
+    ids = []
+    for text in texts:
+        ids += tiny_tokenizer(text, add_special_tokens=False)["input_ids"] + [tiny_tokenizer.eos_token_id]
+    np.array(ids, dtype=np.uint16).tofile(tmp_path / "tokens.bin")
+    from_texts = perplexity_metric.compute(predictions=texts, model=model, tokenizer=tiny_tokenizer, context_lengths=[128], progress=False)
+    from_file = perplexity_metric.compute(model=model, token_file=str(tmp_path / "tokens.bin"), context_lengths=[128], progress=False)
+    from_ids = perplexity_metric.compute(model=model, input_ids=ids, context_lengths=[128], progress=False)
+    assert from_texts["perplexities"] == from_file["perplexities"] == from_ids["perplexities"]
+
+
+def test_an_adapter_path_and_the_model_object_give_the_same_result(perplexity_metric, tmp_path):
+    base_dir = tmp_path / "base"
+    tiny_model("llama").save_pretrained(base_dir)
+    model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.save_pretrained(tmp_path / "adapter")
+    model.eval()
+    as_object = perplexity_metric.compute(model=model, input_ids=STREAM, context_lengths=[128], progress=False)
+    as_paths = perplexity_metric.compute(model=str(base_dir), adapter=str(tmp_path / "adapter"), input_ids=STREAM, context_lengths=[128], progress=False)
+    plain = perplexity_metric.compute(model=str(base_dir), input_ids=STREAM, context_lengths=[128], progress=False)
+    assert as_paths["perplexities"][0] == pytest.approx(as_object["perplexities"][0], abs=1e-6)
+    assert plain["perplexities"][0] != pytest.approx(as_object["perplexities"][0], abs=1e-3)
+
+
+def test_a_longlora_adapter_path_restores_its_context(perplexity_metric, tmp_path):
+    base_dir = tmp_path / "base"
+    tiny_model("llama").save_pretrained(base_dir)
+    model = get_peft_model(tiny_model("llama"), longlora_hf.LongLoraConfig(target_context_length=1024))
+    model.save_pretrained(tmp_path / "adapter")
+    with pytest.warns(UserWarning, match="beyond the model's context"):
+        perplexity_metric.compute(model=str(base_dir), input_ids=STREAM, context_lengths=[512], progress=False)
+    model.eval()
+    expected = perplexity_metric.compute(model=model, input_ids=STREAM, context_lengths=[512], beyond_context="error", progress=False)
+    reloaded = perplexity_metric.compute(model=str(base_dir), adapter=str(tmp_path / "adapter"), input_ids=STREAM, context_lengths=[512], beyond_context="error", progress=False)
+    assert reloaded["perplexities"][0] == pytest.approx(expected["perplexities"][0], abs=1e-6)
+
+
+def test_evaluation_leaves_a_training_model_in_training_mode_and_runs_dense(perplexity_metric):
+    model = tiny_model("llama")
+    longlora_hf.use_s2_attention(model)
+    model.train()
+    s2 = perplexity_metric.compute(model=model, input_ids=STREAM, context_lengths=[128], progress=False)
+    model.set_attn_implementation("sdpa")
+    dense = perplexity_metric.compute(model=model, input_ids=STREAM, context_lengths=[128], progress=False)
+    assert model.training and s2["perplexities"] == dense["perplexities"]
+
+
+def test_a_context_length_longer_than_the_data_is_refused(perplexity_metric):
+    with pytest.raises(ValueError, match="context length 2048 needs more than 2048 tokens, but the data has 1500"):
+        perplexity_metric.compute(model=tiny_model("llama"), input_ids=STREAM, context_lengths=[2048], progress=False)
+
+
+def test_a_context_length_beyond_the_model_can_be_refused(perplexity_metric):
+    with pytest.raises(ValueError, match="context length 512 is beyond the model's context of 256 tokens"):
+        perplexity_metric.compute(model=tiny_model("llama"), input_ids=STREAM, context_lengths=[512], beyond_context="error", progress=False)
+
+
+def test_an_empty_text_list_is_refused(perplexity_metric, tiny_tokenizer):
+    with pytest.raises(ValueError, match="predictions is empty"):
+        from longlora_hf.metrics import compute_perplexity
+
+        compute_perplexity(tiny_model("llama"), tiny_tokenizer, predictions=[], context_lengths=[64])
+
+
+def test_a_token_file_with_ids_beyond_the_vocabulary_is_refused(perplexity_metric, tmp_path):
+    np.array([5, 9, 300, 7] * 100, dtype=np.uint16).tofile(tmp_path / "tokens.bin")
+    with pytest.raises(ValueError, match="token ids go up to 300, but the model's vocabulary has 128 tokens"):
+        perplexity_metric.compute(model=tiny_model("llama"), token_file=str(tmp_path / "tokens.bin"), context_lengths=[64], progress=False)
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.3, 0.5, 1.0])
+def test_the_passkey_sits_at_the_asked_depth(bpe_tokenizer, depth):
+    prompt = passkey_prompt(bpe_tokenizer, 1000, depth, "12345")
+    assert prompt.count(information_line("12345")) == 1
+    before, after = prompt.split(information_line("12345"))
+    sentences_before, sentences_after = before.count(FILLER), after.count(FILLER)
+    assert sentences_before + sentences_after > 10
+    assert abs(sentences_before / (sentences_before + sentences_after) - depth) <= 1 / (sentences_before + sentences_after)
+    assert prompt.endswith("What is the pass key? The pass key is")
+
+
+class AnswersWithTheKey(torch.nn.Module):
+    """A stand-in model whose greedy answer is whatever key its prompt holds (scoring test only)."""
+
+    def __init__(self, tokenizer, wrong=False):
+        super().__init__()
+        self.tokenizer, self.wrong, self.weight = tokenizer, wrong, torch.nn.Parameter(torch.zeros(1))
+
+    def generate(self, input_ids, max_new_tokens, **kwargs):
+        prompt = self.tokenizer.decode(input_ids[0])
+        key = prompt.split("The pass key is ")[1][:5].replace(" ", "")
+        if self.wrong:
+            key = str(int(key) + 1)
+        answer = self.tokenizer(" " + key + ".", add_special_tokens=False, return_tensors="pt")["input_ids"]
+        return torch.cat([input_ids, answer], dim=1)
+
+
+def test_passkey_scoring_counts_right_and_wrong_answers(bpe_tokenizer):
+    right = passkey_retrieval(AnswersWithTheKey(bpe_tokenizer), bpe_tokenizer, [200], [0.0, 0.5], trials=3, progress=False)
+    wrong = passkey_retrieval(AnswersWithTheKey(bpe_tokenizer, wrong=True), bpe_tokenizer, [200], [0.0, 0.5], trials=3, progress=False)
+    assert right["accuracy"] == {200: {0.0: 1.0, 0.5: 1.0}}
+    assert wrong["accuracy"] == {200: {0.0: 0.0, 0.5: 0.0}}
+
+
+def test_passkey_metric_runs_a_real_model_end_to_end_and_is_seeded(bpe_tokenizer):
+    metric = evaluate.load(longlora_hf.metrics.PASSKEY)
+    model = tiny_model("llama", vocab_size=len(bpe_tokenizer))
+    first = metric.compute(model=model, tokenizer=bpe_tokenizer, context_lengths=[120], depths=[0.5], trials=2, seed=3, progress=False)
+    again = metric.compute(model=model, tokenizer=bpe_tokenizer, context_lengths=[120], depths=[0.5], trials=2, seed=3, progress=False)
+    assert first["accuracy"] == {120: {0.5: 0.0}}  # a random tiny model does not recall the key
+    assert [t["key"] for t in first["trials"]] == [t["key"] for t in again["trials"]]
+    assert all(100 <= t["prompt_tokens"] <= 120 for t in first["trials"])
+
+
+def test_the_eval_command_prints_a_table_and_writes_json_and_pngs(tmp_path, tiny_tokenizer, capsys):
+    model_dir = tmp_path / "model"
+    tiny_model("llama").save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    (tmp_path / "data.txt").write_text(" ".join(f"w{i % 90}" for i in range(1200)))
+    code = cli_main(
+        ["eval", "--model", str(model_dir), "--data", str(tmp_path / "data.txt"), "--lengths", "64", "128",
+         "--passkey-depths", "0", "1", "--passkey-trials", "1", "--out", str(tmp_path / "out")]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "64" in printed and "128" in printed and "perplexity" in printed
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(results["perplexity"]["by_context_length"]) == {"64", "128"}
+    for name in ("perplexity.png", "passkey.png"):
+        assert (tmp_path / "out" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_eval_command_names_a_malformed_jsonl_line(tmp_path, tiny_tokenizer):
+    model_dir = tmp_path / "model"
+    tiny_model("llama").save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    (tmp_path / "data.jsonl").write_text('{"text": "w1 w2"}\n{"txt": "w3"}\n')
+    with pytest.raises(ValueError, match="data.jsonl line 2: expected a JSON object with a 'text' field"):
+        cli_main(["eval", "--model", str(model_dir), "--data", str(tmp_path / "data.jsonl"), "--lengths", "64"])
