@@ -19,7 +19,11 @@ def main(argv: list[str] | None = None) -> int:
 
         run_example()
         return 0
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError, ImportError) as error:
+        print(f"longlora-hf {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ from pathlib import Path
 
 def add_eval_command(subparsers) -> None:
     parser = subparsers.add_parser("eval", help="Perplexity by context length and passkey retrieval; table, JSON, PNG.")
-    parser.add_argument("--model", required=True, help="Model path or Hub id (loaded with safetensors, no remote code).")
-    parser.add_argument("--adapter", help="A LongLoRA or LoRA adapter path or Hub id to load on the model.")
+    parser.add_argument("--model", required=True, action="append", help="Model path or Hub id (safetensors, no remote code). Repeat to compare models: one line each in the plot.")
+    parser.add_argument("--adapter", action="append", default=[], help="A LongLoRA or LoRA adapter for the model at the same position; use 'none' for a model without one.")
     parser.add_argument("--data", required=True, type=Path, help="Texts: .txt (one document), .jsonl (a 'text' field per line), or .bin (uint16 token ids).")
     parser.add_argument("--lengths", required=True, type=int, nargs="+", help="Evaluation context lengths, e.g. 2048 4096 8192.")
     parser.add_argument("--protocol", default="longlora", choices=["longlora", "strided"])
@@ -50,26 +50,36 @@ def run_eval(args) -> int:
     from .perplexity import compute_perplexity, load_model_and_tokenizer
     from .report import perplexity_table, plot_passkey, plot_perplexity, write_json
 
-    model, tokenizer = load_model_and_tokenizer(args.model, adapter=args.adapter)
-    data = {"token_file": args.data} if args.data.suffix == ".bin" else {"predictions": read_texts(args.data)}
-    result = compute_perplexity(
-        model, tokenizer, context_lengths=args.lengths, protocol=args.protocol, stride=args.stride,
-        batch_size=args.batch_size, beyond_context=args.beyond_context, **data,
-    )
-    name = args.model if args.adapter is None else f"{args.model} + {args.adapter}"
-    rows = {name: {length: row["perplexity"] for length, row in result["by_context_length"].items()}}
+    adapters = args.adapter or ["none"] * len(args.model)
+    if len(adapters) != len(args.model):
+        raise ValueError(
+            f"Got {len(args.model)} --model and {len(adapters)} --adapter: give one --adapter per --model "
+            "(use --adapter none for a model without one), or none at all."
+        )
     args.out.mkdir(parents=True, exist_ok=True)
+    rows, reports = {}, []
+    for index, (path, adapter) in enumerate(zip(args.model, adapters)):
+        adapter = None if adapter == "none" else adapter
+        model, tokenizer = load_model_and_tokenizer(path, adapter=adapter)
+        data = {"token_file": args.data} if args.data.suffix == ".bin" else {"predictions": read_texts(args.data)}
+        result = compute_perplexity(
+            model, tokenizer, context_lengths=args.lengths, protocol=args.protocol, stride=args.stride,
+            batch_size=args.batch_size, beyond_context=args.beyond_context, **data,
+        )
+        name = path if adapter is None else f"{path} + {adapter}"
+        rows[name] = {length: row["perplexity"] for length, row in result["by_context_length"].items()}
+        report = {"model": path, "adapter": adapter, "perplexity": result}
+        if args.passkey_depths:
+            passkey = passkey_retrieval(model, tokenizer, args.lengths, args.passkey_depths, args.passkey_trials, args.seed)
+            report["passkey"] = passkey
+            plot_passkey(passkey["accuracy"], args.out / f"passkey_{index}.png", title=f"passkey retrieval: {name}")
+            print(f"passkey accuracy of {name} (rows: depth, columns: context length)")
+            for depth in args.passkey_depths:
+                print(f"{depth:>6.2f}" + "".join(f"{passkey['accuracy'][length][depth]:>10.2f}" for length in args.lengths))
+        reports.append(report)
     print(f"perplexity ({args.protocol} protocol, stride {args.stride})")
     print(perplexity_table(rows))
-    report = {"model": args.model, "adapter": args.adapter, "perplexity": result}
     plot_perplexity(rows, args.out / "perplexity.png")
-    if args.passkey_depths:
-        passkey = passkey_retrieval(model, tokenizer, args.lengths, args.passkey_depths, args.passkey_trials, args.seed)
-        report["passkey"] = passkey
-        plot_passkey(passkey["accuracy"], args.out / "passkey.png")
-        print("passkey accuracy (rows: depth, columns: context length)")
-        for depth in args.passkey_depths:
-            print(f"{depth:>6.2f}" + "".join(f"{passkey['accuracy'][length][depth]:>10.2f}" for length in args.lengths))
-    write_json(report, args.out / "results.json")
+    write_json({"models": reports}, args.out / "results.json")
     print(f"wrote {args.out / 'results.json'} and PNG plots in {args.out}")
     return 0
