@@ -1,0 +1,104 @@
+"""`LongLoraCallback`: checks a LongLoRA set-up when training starts and reports it, once."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+from transformers import TrainerCallback
+
+from ..attention import S2_ATTN_IMPLEMENTATION, S2AttentionSettings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LongLoraReport:
+    """What the callback found at train start."""
+
+    s2_attention: bool
+    max_length: int | None
+    group_size: int | None
+    groups: int | None
+    context_length: int | None
+    position_interpolation_factor: float
+    trainable: dict[str, int] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        attention = "S2-Attn off (dense attention)"
+        if self.s2_attention:
+            attention = f"S2-Attn on: group size {self.group_size}, {self.groups} groups at max_length {self.max_length}"
+        counts = ", ".join(f"{name} {count:,}" for name, count in self.trainable.items())
+        return (
+            f"LongLoRA: {attention}; context {self.context_length} tokens (RoPE factor "
+            f"{self.position_interpolation_factor:g}); trainable parameters: {counts}"
+        )
+
+
+def _trainable_by_kind(model) -> dict[str, int]:
+    kinds = {"LoRA": 0, "embeddings": 0, "norms": 0, "other": 0}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        if ".lora_" in name:
+            kind = "LoRA"
+        elif "embed" in name or "wte" in name:
+            kind = "embeddings"
+        elif "norm" in name or "ln" in name.split(".")[-2:-1]:
+            kind = "norms"
+        else:
+            kind = "other"
+        kinds[kind] += parameter.numel()
+    return {kind: count for kind, count in kinds.items() if count}
+
+
+class LongLoraCallback(TrainerCallback):
+    """Add to any `Trainer`/`SFTTrainer`: at train start it checks that the LongLoRA set-up can work and logs
+    what it found (S2 on or off, group size and number of groups at `max_length`, the position
+    interpolation factor, trainable parameter counts), once, on the main process. Evaluation inside
+    training runs dense attention on its own ("s2" is dense in eval mode).
+
+    require_s2: stop with an error when the model does not run S2-Attn (default: required when the
+    model's PEFT config asks for it). max_length: the training length, read from the training arguments
+    (`max_length`, TRL) when not given.
+    """
+
+    def __init__(self, require_s2: bool | None = None, max_length: int | None = None):
+        self.require_s2 = require_s2
+        self.max_length = max_length
+        self.report: LongLoraReport | None = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        config = base.config.get_text_config()
+        peft_configs = getattr(model, "peft_config", {}) or {}
+        wants_s2 = any(getattr(c, "use_s2_attn", False) for c in peft_configs.values())
+        require_s2 = wants_s2 if self.require_s2 is None else self.require_s2
+        runs_s2 = base.config._attn_implementation == S2_ATTN_IMPLEMENTATION
+        if require_s2 and not runs_s2:
+            raise ValueError(
+                f"S2-Attn was requested, but the model runs attn_implementation={base.config._attn_implementation!r}. "
+                "Use get_peft_model(model, LongLoraConfig(...)) or longlora_hf.use_s2_attention(model)."
+            )
+        max_length = self.max_length or getattr(args, "max_length", None)
+        context = getattr(config, "max_position_embeddings", None)
+        group_size = groups = None
+        if runs_s2 and max_length:
+            group_size = S2AttentionSettings.from_config(base.config).group_size_for(max_length)
+            if group_size < 2:
+                raise ValueError(
+                    f"S2-Attn groups of {group_size} tokens at max_length {max_length}: groups need at least 2 tokens. "
+                    "Raise group_size_ratio or set group_size."
+                )
+            groups = math.ceil(max_length / group_size)
+        if max_length and context and max_length > context:
+            raise ValueError(
+                f"max_length {max_length} is beyond the model's context of {context} tokens "
+                "(after position interpolation). Set target_context_length >= max_length in LongLoraConfig."
+            )
+        rope = getattr(config, "rope_parameters", None) or {}
+        factor = float(rope.get("factor", 1.0)) if rope.get("rope_type") not in (None, "default") else 1.0
+        self.report = LongLoraReport(runs_s2, max_length, group_size, groups, context, factor, _trainable_by_kind(model))
+        if state.is_world_process_zero:
+            logger.warning(str(self.report))
