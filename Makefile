@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch: a bare `torch` requirement would pull a multi-GB CUDA build on a CPU machine.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup example test bench
+.PHONY: setup demo example test bench
 
 setup: $(VENV)/.installed
 
@@ -15,6 +15,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $@
+
+demo: setup
+	$(BIN)/longlora-hf demo
 
 example: setup
 	$(BIN)/longlora-hf example
