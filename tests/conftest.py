@@ -71,6 +71,14 @@ def tiny_model(name: str, seed: int = 0, **overrides) -> transformers.PreTrained
     return model.eval()
 
 
+def shadow_longlora_hf(tmp_path) -> str:
+    """A PYTHONPATH entry under which `import longlora_hf` fails, as on a machine without the package."""
+    shadow = tmp_path / "shadow" / "longlora_hf"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('longlora_hf is not installed here')\n")
+    return str(shadow.parent)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     """A word-level tokenizer trained here on made-up text, as a PreTrainedTokenizerFast."""

@@ -10,7 +10,7 @@ import textwrap
 import pytest
 import torch
 import transformers
-from conftest import ARCHITECTURES, tiny_config, tiny_model
+from conftest import ARCHITECTURES, shadow_longlora_hf, tiny_config, tiny_model
 from s2_reference import masked_attention, s2_reference_mask
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -163,14 +163,6 @@ def test_from_pretrained_with_attn_implementation_s2(arch, tmp_path):
     model.train()
     reference.train()
     assert not torch.allclose(model(ids).logits, reference(ids).logits)
-
-
-def shadow_longlora_hf(tmp_path):
-    """A PYTHONPATH entry under which `import longlora_hf` fails, as on a machine without the package."""
-    shadow = tmp_path / "shadow" / "longlora_hf"
-    shadow.mkdir(parents=True)
-    (shadow / "__init__.py").write_text("raise ImportError('longlora_hf is not installed here')\n")
-    return str(shadow.parent)
 
 
 def test_a_saved_s2_model_loads_in_plain_transformers_with_its_default_attention(tmp_path):

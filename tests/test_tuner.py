@@ -12,7 +12,7 @@ from dataclasses import fields
 import pytest
 import torch
 import transformers
-from conftest import tiny_config, tiny_model
+from conftest import shadow_longlora_hf, tiny_model
 from peft import AutoPeftModelForCausalLM, LoraConfig, PeftConfig, PeftModel, get_peft_model
 from torch import nn
 
@@ -171,13 +171,6 @@ def test_use_s2_attn_false_leaves_attention_alone():
     assert base.config._attn_implementation == "sdpa"
 
 
-def shadow_longlora_hf(tmp_path):
-    shadow = tmp_path / "shadow" / "longlora_hf"
-    shadow.mkdir(parents=True)
-    (shadow / "__init__.py").write_text("raise ImportError('longlora_hf is not installed here')\n")
-    return str(shadow.parent)
-
-
 def run_without_longlora_hf(tmp_path, script):
     env = {**os.environ, "PYTHONPATH": shadow_longlora_hf(tmp_path), "HF_HUB_OFFLINE": "1"}
     prelude = "try:\n    import longlora_hf\n    raise SystemExit('longlora_hf must not be importable')\nexcept ImportError:\n    pass\n"
@@ -306,4 +299,3 @@ def test_is_normalization_finds_norms_by_type():
     assert is_normalization(nn.LayerNorm(4)) and is_normalization(nn.RMSNorm(4))
     assert is_normalization(transformers.models.llama.modeling_llama.LlamaRMSNorm(4))
     assert not is_normalization(nn.Linear(4, 4))
-    assert tiny_config("llama")  # the fixture module is importable from here
