@@ -9,6 +9,12 @@ from .metrics.cli import add_eval_command
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["sft"]:
+        # every `trl sft` flag and YAML key, parsed by TRL's own parser
+        from .sft import main as sft_main
+
+        return sft_main(argv[1:])
     parser = argparse.ArgumentParser(prog="longlora-hf", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("example", help="A short end-to-end S2-Attn training example on a tiny model (CPU, ~1 min).")
@@ -16,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--out", default="longlora_demo", help="Where the table (JSON, PNG) and the adapter go.")
     demo.add_argument("--steps", type=int, default=100, help="Fine-tuning steps (each one row of 2048 tokens).")
     demo.add_argument("--ablations", action="store_true", help="Also run small counterparts of the paper's Tables 1, 3 and 11.")
+    sub.add_parser("sft", help="TRL's SFT script with LongLoRA: every `trl sft` flag plus the LongLoRA ones (see `longlora-hf sft --help`).")
     add_eval_command(sub)
     args = parser.parse_args(argv)
     if args.command == "example":
