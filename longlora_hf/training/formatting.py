@@ -1,0 +1,169 @@
+"""Supervised fine-tuning data: LongQA and LongAlpaca records as TRL prompt/completion examples.
+
+TRL's SFTTrainer puts the loss on the completion only for prompt/completion data, so the answer is
+the completion and the material and question are the prompt.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LONGQA_PROMPT = (
+    "Below is {material_type}. Memorize the content and answer my question after the {material_type}. "
+    "{material_content}\n Now the material ends. {question}"
+)
+"""The paper's LongQA prompt (Appendix)."""
+
+LLAMA2_SYSTEM_PROMPT = (
+    "You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, while being safe.  "
+    "Your answers should not include any harmful, unethical, racist, sexist, toxic, dangerous, or illegal content. "
+    "Please ensure that your responses are socially unbiased and positive in nature.\n\n"
+    "If a question does not make any sense, or is not factually coherent, explain why instead of answering something "
+    "not correct. If you don't know the answer to a question, please don't share false information."
+)
+"""Llama-2's default system prompt, as the LongLoRA SFT code wraps LongAlpaca instructions in it."""
+
+
+@dataclass
+class LongQAFields:
+    """Field names of LongQA records."""
+
+    material_type: str = field(default="material_type", metadata={"help": "e.g. 'a book', 'a paper'."})
+    material_content: str = field(default="material_content", metadata={"help": "The long material."})
+    question: str = field(default="question", metadata={"help": "The question about the material."})
+    answer: str = field(default="answer", metadata={"help": "The answer: the completion, where the loss goes."})
+
+
+@dataclass
+class LongAlpacaFields:
+    """Field names of LongAlpaca records."""
+
+    instruction: str = field(default="instruction", metadata={"help": "The instruction (LongAlpaca puts the material in it)."})
+    output: str = field(default="output", metadata={"help": "The response: the completion, where the loss goes."})
+    input: str = field(default="input", metadata={"help": "Optional further input, appended to the instruction."})
+
+
+def _field(record: dict, name: str, index: int, style: str) -> str:
+    if not isinstance(record, dict):
+        raise ValueError(f"{style} record {index} is a {type(record).__name__}, not a JSON object.")
+    if name not in record:
+        raise ValueError(
+            f"{style} record {index} has no field {name!r} (it has {sorted(record)}). Fix the record, or name the "
+            "field with the fields argument."
+        )
+    value = record[name]
+    if not isinstance(value, str):
+        raise ValueError(f"{style} record {index}: field {name!r} must be a string; got {type(value).__name__}.")
+    return value
+
+
+def format_longqa(record: dict, fields: LongQAFields = LongQAFields(), index: int = 0) -> dict[str, str]:
+    """{material_type, material_content, question, answer} -> {prompt, completion}."""
+    values = {key: _field(record, getattr(fields, key), index, "LongQA") for key in ("material_type", "material_content", "question")}
+    return {"prompt": LONGQA_PROMPT.format(**values), "completion": _field(record, fields.answer, index, "LongQA")}
+
+
+def format_longalpaca(
+    record: dict, fields: LongAlpacaFields = LongAlpacaFields(), index: int = 0, system_prompt: str = LLAMA2_SYSTEM_PROMPT
+) -> dict[str, str]:
+    """{instruction, output[, input]} -> {prompt, completion} in Llama-2's [INST] chat format."""
+    instruction = _field(record, fields.instruction, index, "LongAlpaca")
+    extra = record.get(fields.input, "") if isinstance(record, dict) else ""
+    if extra:
+        instruction = f"{instruction} \n{extra}"
+    prompt = f"[INST] <<SYS>>\n{system_prompt}\n<</SYS>> \n\n {instruction} [/INST]"
+    return {"prompt": prompt, "completion": _field(record, fields.output, index, "LongAlpaca")}
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """Records from a .json (a list) or .jsonl file, with errors that name the file and the line."""
+    path = Path(path)
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 (byte {error.start} is {raw[error.start]:#x}); convert it to UTF-8.") from error
+    if path.suffix == ".jsonl":
+        records = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path} line {number} is not valid JSON: {error.msg} (column {error.colno}).") from error
+    else:
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON: {error.msg} (line {error.lineno}, column {error.colno}).") from error
+        if not isinstance(records, list):
+            raise ValueError(f"{path} must hold a JSON list of records; it holds a {type(records).__name__}.")
+    if not records:
+        raise ValueError(f"{path} holds no records: the dataset is empty.")
+    return records
+
+
+def format_records(
+    records: list[dict],
+    style: str,
+    tokenizer=None,
+    max_length: int | None = None,
+    too_long: str = "truncate",
+    fields=None,
+) -> tuple[list[dict[str, str]], dict[str, int]]:
+    """Format every record (style "longqa" or "longalpaca"), checking each before training starts.
+
+    With a tokenizer and `max_length`, a LongQA material that does not fit is truncated (the end of the
+    material is cut; the prompt's frame, the question and the answer are kept) or the record dropped,
+    as `too_long` says. LongAlpaca records that do not fit are dropped (cutting them would cut the
+    answer). The returned counts say how many were kept, truncated and dropped.
+    """
+    if style not in ("longqa", "longalpaca"):
+        raise ValueError(f"style must be 'longqa' or 'longalpaca'; got {style!r}.")
+    if too_long not in ("truncate", "drop"):
+        raise ValueError(f"too_long must be 'truncate' or 'drop'; got {too_long!r}.")
+    if not records:
+        raise ValueError("The dataset is empty: no records to format.")
+    record_fields = fields or (LongQAFields() if style == "longqa" else LongAlpacaFields())
+    format_one = format_longqa if style == "longqa" else format_longalpaca
+    formatted, counts = [], {"kept": 0, "truncated": 0, "dropped": 0}
+    for index, record in enumerate(records):
+        example = format_one(record, record_fields, index)
+        if tokenizer is not None and max_length is not None and _length(tokenizer, example) > max_length:
+            if too_long == "truncate" and style == "longqa":
+                example = _truncate_material(record, record_fields, index, tokenizer, max_length)
+                counts["truncated"] += 1
+            else:
+                counts["dropped"] += 1
+                continue
+        else:
+            counts["kept"] += 1
+        formatted.append(example)
+    if not formatted:
+        raise ValueError(f"Every one of the {len(records)} records is longer than max_length={max_length} and was dropped.")
+    return formatted, counts
+
+
+def _length(tokenizer, example: dict[str, str]) -> int:
+    return len(tokenizer(example["prompt"] + example["completion"], add_special_tokens=True)["input_ids"]) + 1  # + EOS
+
+
+def _truncate_material(record, fields, index, tokenizer, max_length) -> dict[str, str]:
+    """Cut the end of the material until prompt + answer fit in max_length tokens."""
+    material_ids = tokenizer(record[fields.material_content], add_special_tokens=False)["input_ids"]
+    shortened = dict(record)
+    keep = len(material_ids)
+    while True:
+        keep -= max(1, _length(tokenizer, format_longqa(shortened, fields, index)) - max_length)
+        if keep <= 0:
+            raise ValueError(
+                f"LongQA record {index}: the prompt and answer without the material are already longer than "
+                f"max_length={max_length}; drop such records (too_long='drop') or raise max_length."
+            )
+        shortened[fields.material_content] = tokenizer.decode(material_ids[:keep])
+        example = format_longqa(shortened, fields, index)
+        if _length(tokenizer, example) <= max_length:
+            return example

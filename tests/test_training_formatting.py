@@ -1,0 +1,94 @@
+"""LongQA and LongAlpaca records as TRL prompt/completion data, with the loss on the answer only."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from datasets import Dataset
+from transformers import PreTrainedTokenizerFast
+from trl import SFTConfig, SFTTrainer
+
+from conftest import tiny_model
+from longlora_hf.demo import ASSETS
+from longlora_hf.training import LongAlpacaFields, LongQAFields, format_longalpaca, format_longqa, format_records, read_records
+
+RECORD = {"material_type": "a book", "material_content": "Once upon a time.", "question": "Who?", "answer": "Nobody."}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return PreTrainedTokenizerFast.from_pretrained(ASSETS)
+
+
+def test_longqa_uses_the_papers_prompt_and_the_answer_as_completion():
+    assert format_longqa(RECORD) == {
+        "prompt": "Below is a book. Memorize the content and answer my question after the a book. Once upon a time.\n"
+        " Now the material ends. Who?",
+        "completion": "Nobody.",
+    }
+
+
+def test_longalpaca_uses_the_llama2_inst_prompt():
+    example = format_longalpaca({"instruction": "Summarize the paper.", "output": "It is short.", "input": "Paper text"})
+    assert example["prompt"].startswith("[INST] <<SYS>>\nYou are a helpful, respectful and honest assistant.")
+    assert example["prompt"].endswith("<</SYS>> \n\n Summarize the paper. \nPaper text [/INST]")
+    assert example["completion"] == "It is short."
+    assert format_longalpaca({"instruction": "Hi", "output": "Hello"})["prompt"].endswith("\n\n Hi [/INST]")
+
+
+def test_field_names_are_configurable():
+    record = {"kind": "a paper", "text": "Body.", "q": "Why?", "a": "Because."}
+    fields = LongQAFields(material_type="kind", material_content="text", question="q", answer="a")
+    assert format_longqa(record, fields)["completion"] == "Because."
+    assert format_longalpaca({"ask": "X", "reply": "Y"}, LongAlpacaFields(instruction="ask", output="reply"))["completion"] == "Y"
+
+
+def test_the_loss_is_on_the_answer_only(tmp_path, tokenizer):
+    examples, _ = format_records([RECORD, {**RECORD, "answer": "Everybody, in the end."}], "longqa")
+    arguments = SFTConfig(output_dir=str(tmp_path), max_length=256, report_to=[], use_cpu=True, max_steps=1)
+    trainer = SFTTrainer(
+        model=tiny_model("llama", vocab_size=len(tokenizer)), args=arguments, train_dataset=Dataset.from_list(examples),
+        processing_class=tokenizer,
+    )
+    for example, processed in zip(examples, trainer.train_dataset):
+        ids, labels = processed["input_ids"], processed["labels"]
+        assert tokenizer.decode([t for t, label in zip(ids, labels) if label == -100]) == example["prompt"]
+        assert tokenizer.decode([label for label in labels if label != -100]) == example["completion"] + tokenizer.eos_token
+
+
+def test_a_record_missing_a_field_is_named_before_training():
+    with pytest.raises(ValueError, match=r"LongQA record 1 has no field 'question' \(it has \['answer', 'material_content', 'material_type'\]\)"):
+        format_records([RECORD, {k: v for k, v in RECORD.items() if k != "question"}], "longqa")
+
+
+def test_an_empty_dataset_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="dataset is empty"):
+        format_records([], "longqa")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match="empty.jsonl holds no records"):
+        read_records(tmp_path / "empty.jsonl")
+
+
+def test_malformed_and_non_utf8_files_are_named(tmp_path):
+    (tmp_path / "bad.jsonl").write_text(json.dumps(RECORD) + "\n{oops\n")
+    with pytest.raises(ValueError, match="bad.jsonl line 2 is not valid JSON"):
+        read_records(tmp_path / "bad.jsonl")
+    (tmp_path / "latin1.json").write_bytes("[{\"answer\": \"caf\xe9\"}]".encode("latin-1"))
+    with pytest.raises(ValueError, match="latin1.json is not UTF-8 \\(byte 16 is 0xe9\\)"):
+        read_records(tmp_path / "latin1.json")
+    (tmp_path / "object.json").write_text(json.dumps(RECORD))
+    with pytest.raises(ValueError, match="must hold a JSON list of records"):
+        read_records(tmp_path / "object.json")
+
+
+def test_materials_longer_than_the_context_are_truncated_or_dropped_and_counted(tokenizer):
+    long_record = {**RECORD, "material_content": "The grass is green. " * 200}
+    records = [RECORD, long_record]
+    kept, counts = format_records(records, "longqa", tokenizer, max_length=128, too_long="truncate")
+    assert counts == {"kept": 1, "truncated": 1, "dropped": 0}
+    truncated = kept[1]
+    assert len(tokenizer(truncated["prompt"] + truncated["completion"])["input_ids"]) + 1 <= 128
+    assert truncated["prompt"].endswith("\n Now the material ends. Who?") and truncated["completion"] == "Nobody."
+    kept, counts = format_records(records, "longqa", tokenizer, max_length=128, too_long="drop")
+    assert counts == {"kept": 1, "truncated": 0, "dropped": 1} and kept == [format_longqa(RECORD)]
