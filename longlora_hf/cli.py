@@ -23,6 +23,13 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--steps", type=int, default=100, help="Fine-tuning steps (each one row of 2048 tokens).")
     demo.add_argument("--ablations", action="store_true", help="Also run small counterparts of the paper's Tables 1, 3 and 11.")
     sub.add_parser("sft", help="TRL's SFT script with LongLoRA: every `trl sft` flag plus the LongLoRA ones (see `longlora-hf sft --help`).")
+    fmt = sub.add_parser("format", help="LongQA / LongAlpaca JSON(L) records -> prompt/completion JSONL for `sft`.")
+    fmt.add_argument("--style", required=True, choices=["longqa", "longalpaca"])
+    fmt.add_argument("--input", required=True, help="A .json list or .jsonl file of records.")
+    fmt.add_argument("--output", required=True, help="Where the prompt/completion JSONL goes.")
+    fmt.add_argument("--tokenizer", help="Tokenizer path or id, to fit records into --max-length.")
+    fmt.add_argument("--max-length", type=int, help="The training length in tokens (needs --tokenizer).")
+    fmt.add_argument("--too-long", default="truncate", choices=["truncate", "drop"], help="LongQA materials that do not fit.")
     add_eval_command(sub)
     args = parser.parse_args(argv)
     if args.command == "example":
@@ -30,6 +37,12 @@ def main(argv: list[str] | None = None) -> int:
 
         run_example()
         return 0
+    if args.command == "format":
+        try:
+            return _format(args)
+        except (ValueError, FileNotFoundError) as error:
+            print(f"longlora-hf format: error: {error}", file=sys.stderr)
+            return 2
     if args.command == "demo":
         from .demo.run import run_demo
 
@@ -40,6 +53,29 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, ImportError) as error:
         print(f"longlora-hf {args.command}: error: {error}", file=sys.stderr)
         return 2
+
+
+def _format(args) -> int:
+    import json
+
+    from .training import format_records, read_records
+
+    tokenizer = None
+    if args.max_length is not None:
+        if args.tokenizer is None:
+            raise ValueError("--max-length needs --tokenizer to count tokens.")
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    examples, counts = format_records(read_records(args.input), args.style, tokenizer, args.max_length, args.too_long)
+    with open(args.output, "w", encoding="utf-8") as f:
+        for example in examples:
+            f.write(json.dumps(example, ensure_ascii=False) + "\n")
+    print(
+        f"wrote {len(examples)} prompt/completion examples to {args.output}: {counts['kept']} kept as they were, "
+        f"{counts['truncated']} truncated to fit {args.max_length} tokens, {counts['dropped']} dropped"
+    )
+    return 0
 
 
 if __name__ == "__main__":

@@ -92,3 +92,19 @@ def test_materials_longer_than_the_context_are_truncated_or_dropped_and_counted(
     assert truncated["prompt"].endswith("\n Now the material ends. Who?") and truncated["completion"] == "Nobody."
     kept, counts = format_records(records, "longqa", tokenizer, max_length=128, too_long="drop")
     assert counts == {"kept": 1, "truncated": 0, "dropped": 1} and kept == [format_longqa(RECORD)]
+
+
+def test_the_format_command_writes_prompt_completion_jsonl_and_reports_counts(tmp_path, capsys):
+    from longlora_hf.cli import main as cli_main
+
+    long_record = {**RECORD, "material_content": "The grass is green. " * 200}
+    (tmp_path / "qa.jsonl").write_text(json.dumps(RECORD) + "\n" + json.dumps(long_record) + "\n")
+    args = ["format", "--style", "longqa", "--input", str(tmp_path / "qa.jsonl"), "--output", str(tmp_path / "out.jsonl"),
+            "--tokenizer", str(ASSETS), "--max-length", "128", "--too-long", "drop"]
+    assert cli_main(args) == 0
+    lines = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert lines == [format_longqa(RECORD)]
+    assert "1 kept as they were, 0 truncated to fit 128 tokens, 1 dropped" in capsys.readouterr().out
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"question": "?"}) + "\n")
+    assert cli_main(["format", "--style", "longqa", "--input", str(tmp_path / "bad.jsonl"), "--output", str(tmp_path / "x")]) == 2
+    assert "LongQA record 0 has no field 'material_type'" in capsys.readouterr().err
