@@ -154,7 +154,9 @@ def run_demo(
     print("4/4 LongLoRA model ...")
     results["rows"]["LongLoRA"] = measure(model, tokenizer, texts, lengths, stride, passkey_trials)
     model.save_pretrained(out_dir / "adapter")
-    (out_dir / "adapter" / "README.md").write_text(model_card(results, steps, target, trained_context))
+    results["learning_rate"] = learning_rate
+    card = model_card(results, steps, target, trained_context, model.peft_config["default"])
+    (out_dir / "adapter" / "README.md").write_text(card)
 
     if ablations:
         results["ablations"] = run_ablations(tokenizer, rows, steps, learning_rate, texts, target, stride, out_dir)
@@ -225,34 +227,39 @@ def run_ablations(tokenizer, rows, steps, learning_rate, texts, target, stride, 
     return ablations
 
 
-def model_card(results: dict, steps: int, target: int, trained_context: int) -> str:
-    rows = results["rows"]
-    table = "\n".join(
-        f"| {name} | " + " | ".join(f"{rows[name]['perplexity'][length]:.2f}" for length in results["lengths"]) + " |"
-        for name in rows
+def model_card(results: dict, steps: int, target: int, trained_context: int, config: LongLoraConfig) -> str:
+    """The adapter's README, from the template in `model_cards/`."""
+    from importlib.resources import files
+
+    rows, lengths = results["rows"], results["lengths"]
+    evaluation = "\n".join(
+        [
+            "Perplexity on held-out Python documentation (LongLoRA protocol, dense attention):",
+            "",
+            "| model | " + " | ".join(f"{length} tokens" for length in lengths) + " |",
+            "|" + "---|" * (len(lengths) + 1),
+            *(f"| {name} | " + " | ".join(f"{rows[name]['perplexity'][length]:.2f}" for length in lengths) + " |" for name in rows),
+        ]
     )
-    header = "| model | " + " | ".join(str(length) for length in results["lengths"]) + " |"
-    return f"""---
-library_name: peft
-tags:
-- longlora
-- peft
-pipeline_tag: text-generation
----
-
-# LongLoRA demo adapter: {trained_context} to {target} tokens
-
-A LongLoRA adapter (S2-Attn training, LoRA on attention + trainable embeddings and norms) for the
-small Llama bundled with `longlora-hf` (trained at {trained_context} tokens), fine-tuned for {steps} steps
-at {target} tokens on Python documentation, with linear position interpolation (factor
-{target // trained_context}) and group size ratio 1/4.
-
-Perplexity on held-out documents (dense attention):
-
-{header}
-|{'---|' * (len(results['lengths']) + 1)}
-{table}
-
-Load with `longlora_hf` installed: `AutoPeftModelForCausalLM.from_pretrained(path)` (the position
-interpolation is restored). Without it, export a plain LoRA adapter with `longlora_hf.save_as_plain_lora`.
-"""
+    lora_plus = ", ".join(
+        part for part, on in (("input embedding", config.trainable_embeddings), ("every normalization layer", config.trainable_norms)) if on
+    )
+    template = files("longlora_hf.model_cards").joinpath("longlora_adapter.md").read_text()
+    return template.format(
+        title=f"LongLoRA demo adapter: {trained_context} to {target} tokens",
+        base_model="longlora-hf bundled demo Llama (longlora_hf/demo/assets)",
+        original_context_length=config.original_context_length,
+        target_context_length=config.target_context_length,
+        rope_type=config.rope_type,
+        position_interpolation_factor=f"{config.position_interpolation_factor:g}",
+        group_size_ratio=config.group_size_ratio,
+        r=config.r,
+        lora_alpha=config.lora_alpha,
+        target_modules=", ".join(sorted(config.target_modules)),
+        lora_plus=lora_plus or "no LoRA+ modules",
+        training_data="30 long Python 3.11 documentation files (PSF licence), packed into rows of "
+        f"{target} tokens (longlora_hf/demo/assets/finetune.jsonl.gz)",
+        training_steps=f"{steps} (batch 1, lr {results.get('learning_rate', 'see results.json')})",
+        evaluation=evaluation,
+        repo_or_path="path/to/this/adapter",
+    )
