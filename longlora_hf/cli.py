@@ -30,6 +30,14 @@ def main(argv: list[str] | None = None) -> int:
     fmt.add_argument("--tokenizer", help="Tokenizer path or id, to fit records into --max-length.")
     fmt.add_argument("--max-length", type=int, help="The training length in tokens (needs --tokenizer).")
     fmt.add_argument("--too-long", default="truncate", choices=["truncate", "drop"], help="LongQA materials that do not fit.")
+    merge = sub.add_parser("merge", help="Merge a LongLoRA or LoRA adapter into its base: a plain transformers model.")
+    merge.add_argument("--base", required=True, help="Base model path or id.")
+    merge.add_argument("--adapter", required=True, help="Adapter path or id.")
+    merge.add_argument("--out", required=True, help="Directory for the merged model (safetensors).")
+    convert = sub.add_parser("convert-reference", help="A reference-layout checkpoint (adapter + trainable_params.bin) -> a LongLoRA adapter.")
+    convert.add_argument("--checkpoint", required=True, help="The reference checkpoint directory.")
+    convert.add_argument("--out", required=True, help="Directory for the LongLoRA adapter.")
+    convert.add_argument("--target-context-length", type=int, help="The context the checkpoint was trained for (restores its RoPE scaling).")
     add_eval_command(sub)
     args = parser.parse_args(argv)
     if args.command == "example":
@@ -43,6 +51,19 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, FileNotFoundError) as error:
             print(f"longlora-hf format: error: {error}", file=sys.stderr)
             return 2
+    if args.command in ("merge", "convert-reference"):
+        from .hub import convert_reference_checkpoint, merge_adapter
+
+        try:
+            if args.command == "merge":
+                print(f"merged model written to {merge_adapter(args.base, args.adapter, args.out)}")
+            else:
+                out = convert_reference_checkpoint(args.checkpoint, args.out, args.target_context_length)
+                print(f"LongLoRA adapter written to {out}")
+        except (ValueError, FileNotFoundError) as error:
+            print(f"longlora-hf {args.command}: error: {error}", file=sys.stderr)
+            return 2
+        return 0
     if args.command == "demo":
         from .demo.run import run_demo
 
