@@ -8,7 +8,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
 import torch
 import transformers
 from conftest import shadow_longlora_hf, tiny_model

@@ -221,4 +221,4 @@ def test_the_eval_command_names_a_malformed_jsonl_line(tmp_path, tiny_tokenizer,
     tiny_tokenizer.save_pretrained(model_dir)
     (tmp_path / "data.jsonl").write_text('{"text": "w1 w2"}\n{"txt": "w3"}\n')
     assert cli_main(["eval", "--model", str(model_dir), "--data", str(tmp_path / "data.jsonl"), "--lengths", "64"]) == 2
-    assert "data.jsonl line 2: expected a JSON object with a 'text' field" in capsys.readouterr().err
+    assert "data.jsonl record 1: expected a JSON object with a 'text' string field" in capsys.readouterr().err

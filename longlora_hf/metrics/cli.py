@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 
 
@@ -11,7 +9,7 @@ def add_eval_command(subparsers) -> None:
     parser = subparsers.add_parser("eval", help="Perplexity by context length and passkey retrieval; table, JSON, PNG.")
     parser.add_argument("--model", required=True, action="append", help="Model path or Hub id (safetensors, no remote code). Repeat to compare models: one line each in the plot.")
     parser.add_argument("--adapter", action="append", default=[], help="A LongLoRA or LoRA adapter for the model at the same position; use 'none' for a model without one.")
-    parser.add_argument("--data", required=True, type=Path, help="Texts: .txt (one document), .jsonl (a 'text' field per line), or .bin (uint16 token ids).")
+    parser.add_argument("--data", required=True, type=Path, help="Texts: .txt (one document), .json/.jsonl (records with a 'text' field), or .bin (uint16 token ids).")
     parser.add_argument("--lengths", required=True, type=int, nargs="+", help="Evaluation context lengths, e.g. 2048 4096 8192.")
     parser.add_argument("--protocol", default="longlora", choices=["longlora", "strided"])
     parser.add_argument("--stride", type=int, default=256)
@@ -25,24 +23,22 @@ def add_eval_command(subparsers) -> None:
 
 
 def read_texts(path: Path) -> list[str]:
+    """Documents from a .txt file (one document), or .json/.jsonl records with a 'text' field."""
+    from ..training.formatting import read_records
+
     if not path.is_file():
         raise FileNotFoundError(f"--data {path}: no such file.")
+    if path.suffix in (".json", ".jsonl"):
+        records = read_records(path)
+        for index, record in enumerate(records):
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise ValueError(f"--data {path} record {index}: expected a JSON object with a 'text' string field.")
+        return [record["text"] for record in records]
     raw = path.read_bytes()
     try:
-        text = raw.decode("utf-8")
+        return [raw.decode("utf-8")]
     except UnicodeDecodeError as error:
         raise ValueError(f"--data {path} is not UTF-8 text (byte {error.start}); convert it to UTF-8.") from error
-    if path.suffix == ".jsonl":
-        texts = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                texts.append(json.loads(line)["text"])
-            except (json.JSONDecodeError, KeyError, TypeError) as error:
-                raise ValueError(f"--data {path} line {number}: expected a JSON object with a 'text' field ({error}).") from error
-        return texts
-    return [text]
 
 
 def run_eval(args) -> int:
