@@ -34,10 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     merge.add_argument("--base", required=True, help="Base model path or id.")
     merge.add_argument("--adapter", required=True, help="Adapter path or id.")
     merge.add_argument("--out", required=True, help="Directory for the merged model (safetensors).")
+    merge.add_argument("--push-to-hub", metavar="REPO", help="Also upload the merged model to this Hub repo (token: HF_TOKEN or `hf auth login`).")
+    merge.add_argument("--private", action="store_true", help="Create the --push-to-hub repo as private.")
     convert = sub.add_parser("convert-reference", help="A reference-layout checkpoint (adapter + trainable_params.bin) -> a LongLoRA adapter.")
     convert.add_argument("--checkpoint", required=True, help="The reference checkpoint directory.")
     convert.add_argument("--out", required=True, help="Directory for the LongLoRA adapter.")
     convert.add_argument("--target-context-length", type=int, help="The context the checkpoint was trained for (restores its RoPE scaling).")
+    convert.add_argument("--base", help="The base model (path or id; only its config is read): check every tensor's name and shape against it.")
     add_eval_command(sub)
     args = parser.parse_args(argv)
     if args.command == "example":
@@ -52,16 +55,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"longlora-hf format: error: {error}", file=sys.stderr)
             return 2
     if args.command in ("merge", "convert-reference"):
+        from huggingface_hub.errors import HfHubHTTPError
+
         from .hub import convert_reference_checkpoint, merge_adapter
 
         try:
             if args.command == "merge":
-                print(f"merged model written to {merge_adapter(args.base, args.adapter, args.out)}")
+                out = merge_adapter(args.base, args.adapter, args.out, push_to_hub=args.push_to_hub, private=args.private)
+                print(f"merged model written to {out}" + (f" and pushed to {args.push_to_hub}" if args.push_to_hub else ""))
             else:
-                out = convert_reference_checkpoint(args.checkpoint, args.out, args.target_context_length)
+                out = convert_reference_checkpoint(args.checkpoint, args.out, args.target_context_length, base=args.base)
                 print(f"LongLoRA adapter written to {out}")
         except (ValueError, FileNotFoundError) as error:
             print(f"longlora-hf {args.command}: error: {error}", file=sys.stderr)
+            return 2
+        except HfHubHTTPError as error:
+            print(f"longlora-hf {args.command}: error: the Hub refused: {error}\nCheck the repo id and your token "
+                  "(`hf auth login`, or HF_TOKEN); the merged model is saved locally.", file=sys.stderr)
             return 2
         return 0
     if args.command == "demo":

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 import transformers
 from conftest import shadow_longlora_hf, tiny_model
@@ -109,3 +111,38 @@ def test_merge_writes_a_model_plain_transformers_loads_with_the_same_logits(tmp_
     env = {**os.environ, "PYTHONPATH": shadow_longlora_hf(tmp_path), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda t: t.__setitem__("base_model.model.model.norm.weight", torch.ones(31)), r"model.norm.weight has shape \(31,\); a norm weight is a vector of the hidden size \[32\]"),
+        (lambda t: t.__setitem__("base_model.model.model.embed_tokens.weight", torch.ones(128)), r"embed_tokens.weight has shape \(128,\); an embedding is a \(vocab, hidden\) matrix"),
+    ],
+    ids=["norm-width", "embedding-not-a-matrix"],
+)
+def test_tensors_of_the_wrong_shape_are_refused_with_the_name_and_shape(tmp_path, capsys, damage, message):
+    _, checkpoint, trainable = write_reference_checkpoint(tmp_path)
+    damage(trainable)
+    torch.save(trainable, checkpoint / "trainable_params.bin")
+    assert cli_main(["convert-reference", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "x")]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "x").exists()
+
+
+def test_lora_factors_of_another_rank_are_refused(tmp_path, capsys):
+    _, checkpoint, _ = write_reference_checkpoint(tmp_path)
+    config = json.loads((checkpoint / "adapter_config.json").read_text())
+    (checkpoint / "adapter_config.json").write_text(json.dumps({**config, "r": 4}))
+    assert cli_main(["convert-reference", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "x")]) == 2
+    assert re.search(r"lora_A\.weight has shape \(8, 32\); lora_A of rank r=4", capsys.readouterr().err)
+
+
+def test_with_base_every_tensor_is_checked_against_the_base_model(tmp_path, capsys):
+    base_dir, checkpoint, trainable = write_reference_checkpoint(tmp_path)
+    other = tmp_path / "other_base"
+    tiny_model("llama", vocab_size=64).save_pretrained(other)
+    args = ["convert-reference", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "x"), "--base"]
+    assert cli_main([*args, str(other)]) == 2
+    assert re.search(r"embed_tokens.weight has shape \(128, 32\); .*other_base has \(64, 32\)", capsys.readouterr().err)
+    assert cli_main([*args, str(base_dir)]) == 0

@@ -229,37 +229,14 @@ def run_ablations(tokenizer, rows, steps, learning_rate, texts, target, stride, 
 
 def model_card(results: dict, steps: int, target: int, trained_context: int, config: LongLoraConfig) -> str:
     """The adapter's README, from the template in `model_cards/`."""
-    from importlib.resources import files
+    from ..hub.card import render_model_card
 
-    rows, lengths = results["rows"], results["lengths"]
-    evaluation = "\n".join(
-        [
-            "Perplexity on held-out Python documentation (LongLoRA protocol, dense attention):",
-            "",
-            "| model | " + " | ".join(f"{length} tokens" for length in lengths) + " |",
-            "|" + "---|" * (len(lengths) + 1),
-            *(f"| {name} | " + " | ".join(f"{rows[name]['perplexity'][length]:.2f}" for length in lengths) + " |" for name in rows),
-        ]
-    )
-    lora_plus = ", ".join(
-        part for part, on in (("input embedding", config.trainable_embeddings), ("every normalization layer", config.trainable_norms)) if on
-    )
-    template = files("longlora_hf.model_cards").joinpath("longlora_adapter.md").read_text()
-    return template.format(
+    return render_model_card(
+        config,
+        base_model="longlora_hf/demo/assets (the bundled demo Llama)",
         title=f"LongLoRA demo adapter: {trained_context} to {target} tokens",
-        base_model="longlora-hf bundled demo Llama (longlora_hf/demo/assets)",
-        original_context_length=config.original_context_length,
-        target_context_length=config.target_context_length,
-        rope_type=config.rope_type,
-        position_interpolation_factor=f"{config.position_interpolation_factor:g}",
-        group_size_ratio=config.group_size_ratio,
-        r=config.r,
-        lora_alpha=config.lora_alpha,
-        target_modules=", ".join(sorted(config.target_modules)),
-        lora_plus=lora_plus or "no LoRA+ modules",
         training_data="30 long Python 3.11 documentation files (PSF licence), packed into rows of "
         f"{target} tokens (longlora_hf/demo/assets/finetune.jsonl.gz)",
         training_steps=f"{steps} (batch 1, lr {results.get('learning_rate', 'see results.json')})",
-        evaluation=evaluation,
-        repo_or_path="path/to/this/adapter",
+        evaluation={name: row["perplexity"] for name, row in results["rows"].items()},
     )

@@ -1,6 +1,9 @@
-"""Checkpoints in and out: merging an adapter into a plain model, converting reference checkpoints."""
+"""Checkpoints in and out: model cards, publishing adapters, merging an adapter into a plain model,
+converting reference checkpoints."""
 
+from .card import render_model_card, write_model_card
 from .convert import convert_reference_checkpoint
 from .merge import merge_adapter
+from .push import push_adapter_to_hub
 
-__all__ = ["convert_reference_checkpoint", "merge_adapter"]
+__all__ = ["convert_reference_checkpoint", "merge_adapter", "push_adapter_to_hub", "render_model_card", "write_model_card"]

@@ -41,8 +41,48 @@ def _load_adapter_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"{adapter_dir} has no adapter_model.safetensors or adapter_model.bin.")
 
 
-def convert_reference_checkpoint(checkpoint: str | Path, out: str | Path, target_context_length: int | None = None) -> Path:
-    """Convert `checkpoint` (reference layout) into a LongLoRA adapter in `out`."""
+def _check_shapes(weights: dict[str, torch.Tensor], trainable: dict[str, torch.Tensor], rank: int, base: str | None) -> None:
+    """Refuse tensors whose shapes cannot be what they claim: LoRA factors of another rank, embeddings that
+    are not matrices, norms that are not vectors of the embedding width; with `base`, any tensor whose
+    name or shape is not the base model's."""
+    for name, tensor in weights.items():
+        if ".lora_A." in name and (tensor.dim() != 2 or tensor.shape[0] != rank):
+            raise ValueError(f"adapter weight {name} has shape {tuple(tensor.shape)}; lora_A of rank r={rank} (adapter_config.json) is (r, in_features).")
+        if ".lora_B." in name and (tensor.dim() != 2 or tensor.shape[1] != rank):
+            raise ValueError(f"adapter weight {name} has shape {tuple(tensor.shape)}; lora_B of rank r={rank} (adapter_config.json) is (out_features, r).")
+    embeddings = {k: v for k, v in trainable.items() if "embed" in k}
+    for name, tensor in embeddings.items():
+        if tensor.dim() != 2:
+            raise ValueError(f"trainable_params.bin: {name} has shape {tuple(tensor.shape)}; an embedding is a (vocab, hidden) matrix.")
+    widths = {v.shape[1] for v in embeddings.values()}
+    for name, tensor in trainable.items():
+        if "embed" not in name and (tensor.dim() != 1 or (widths and tensor.shape[0] not in widths)):
+            raise ValueError(
+                f"trainable_params.bin: {name} has shape {tuple(tensor.shape)}; a norm weight is a vector of the hidden size "
+                f"{sorted(widths) or '(unknown)'}."
+            )
+    if base is None:
+        return
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base))
+    expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    for name, tensor in trainable.items():
+        key = name.removeprefix(PREFIX)
+        if key not in expected:
+            raise ValueError(f"trainable_params.bin: {name} is not a weight of {base}; is this checkpoint for another model?")
+        if tuple(tensor.shape) != expected[key]:
+            raise ValueError(f"trainable_params.bin: {name} has shape {tuple(tensor.shape)}; {base} has {expected[key]}.")
+
+
+def convert_reference_checkpoint(
+    checkpoint: str | Path, out: str | Path, target_context_length: int | None = None, base: str | None = None
+) -> Path:
+    """Convert `checkpoint` (reference layout) into a LongLoRA adapter in `out`. With `base` (a model path or
+    id; only its config is read), every embedding and norm tensor is checked against the base's names and
+    shapes too."""
     checkpoint, out = Path(checkpoint), Path(out)
     config_path = checkpoint / "adapter_config.json"
     if not config_path.is_file():
@@ -61,6 +101,7 @@ def convert_reference_checkpoint(checkpoint: str | Path, out: str | Path, target
             "It is not a reference trainable_params.bin."
         )
     weights = dict(_load_adapter_weights(checkpoint))
+    _check_shapes(weights, trainable, reference["r"], base)
     for name, tensor in trainable.items():
         weights[name if name.startswith(PREFIX) else PREFIX + name] = tensor.contiguous()
     leaves = sorted({name.removeprefix(PREFIX).rsplit(".", 2)[-2] for name in trainable})

@@ -1,18 +1,26 @@
-"""`longlora-hf merge`: a LongLoRA (or LoRA) adapter merged into its base, saved as a plain model."""
+"""`longlora-hf merge`: a LongLoRA (or LoRA) adapter merged into its base, saved as a plain model and
+optionally published on the Hub."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 
-def merge_adapter(base: str, adapter: str, out: str | Path) -> Path:
+def merge_adapter(base: str, adapter: str, out: str | Path, push_to_hub: str | None = None, private: bool = False) -> Path:
     """Load `base` (safetensors, no remote code) and `adapter` (position interpolation restored), merge
-    LoRA and the LoRA+ modules, and save a model plain transformers loads with its default attention."""
+    LoRA and the LoRA+ modules, and save a model plain transformers loads with its default attention,
+    with a model card. `push_to_hub`: a repo id to upload it to (created if missing; the token is the
+    one `huggingface_hub` finds: `HF_TOKEN` or `hf auth login`)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ..tuner import LongLoraConfig
+    from .card import write_model_card
+
     model = AutoModelForCausalLM.from_pretrained(base, use_safetensors=True)
-    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    peft_model = PeftModel.from_pretrained(model, adapter)
+    config = peft_model.peft_config["default"]
+    merged = peft_model.merge_and_unload()
     out = Path(out)
     merged.save_pretrained(out, safe_serialization=True)
     for source in (adapter, base):
@@ -21,4 +29,13 @@ def merge_adapter(base: str, adapter: str, out: str | Path) -> Path:
             break
         except (OSError, ValueError):
             continue
+    if isinstance(config, LongLoraConfig):
+        write_model_card(out, config, overwrite=True, base_model=base, repo_or_path=push_to_hub or str(out), merged=True,
+                         training_data=f"see the adapter, {adapter}")
+    if push_to_hub:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        api.create_repo(push_to_hub, private=private, exist_ok=True)
+        api.upload_folder(repo_id=push_to_hub, folder_path=out, commit_message=f"Merge LongLoRA adapter {adapter} into {base}")
     return out

@@ -97,5 +97,13 @@ class LongLoraConfig(LoraConfig):
             raise ValueError(f"rope_type must be one of {ROPE_TYPES}; got {self.rope_type!r}.")
         self.s2_attention_settings()  # validates group_size_ratio and group_size
 
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """Save the config, and the LongLoRA model card as README.md in place of PEFT's generic one
+        (a card someone wrote is kept)."""
+        super().save_pretrained(save_directory, **kwargs)
+        from ..hub.card import write_model_card
+
+        write_model_card(save_directory, self)
+
     def s2_attention_settings(self) -> S2AttentionSettings:
         return S2AttentionSettings(group_size_ratio=self.group_size_ratio, group_size=self.group_size)

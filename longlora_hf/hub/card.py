@@ -1,0 +1,153 @@
+"""Model cards for LongLoRA adapters and merged models, rendered from the template in `model_cards/`.
+
+`render_model_card` fills the template; `write_model_card` puts it in a save directory. Adapters get
+their card without anyone asking: `LongLoraConfig.save_pretrained` (called by every
+`PeftModel.save_pretrained`, so by `push_to_hub`, `trainer.save_model` and checkpoints) replaces the
+generic card PEFT writes, and `LongLoraSFTTrainer.create_model_card` (what `trainer.push_to_hub()`
+calls) adds what the trainer knows: data, steps and evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from importlib.resources import files
+from pathlib import Path
+
+TEMPLATE = "longlora_adapter.md"
+NOT_RECORDED = "not recorded"
+# PEFT writes huggingface_hub's default card when a directory has none; its first heading tells it apart
+# from a card someone wrote, which is left alone.
+GENERIC_CARD_HEADING = "# Model Card for Model ID"
+HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def hub_repo_id(name: str | None) -> str | None:
+    """`name` when it reads as a Hub repo id (`owner/name`) and is not a local directory, else None: only
+    Hub ids belong in a card's `base_model` metadata."""
+    if not name or not HUB_REPO_ID.match(name) or Path(name).exists():
+        return None
+    return name
+
+
+def evaluation_section(evaluation: dict | str | None) -> str:
+    """Markdown for the evaluation: a table from `{model: {context_length: perplexity}}`, text as given,
+    or a line saying no evaluation was run."""
+    if evaluation is None or evaluation == {}:
+        return (
+            "Not evaluated yet. Measure perplexity by context length and passkey retrieval with "
+            "`longlora-hf eval --model BASE --adapter THIS_ADAPTER` and add the table here."
+        )
+    if isinstance(evaluation, str):
+        return evaluation
+    lengths = sorted({int(length) for row in evaluation.values() for length in row})
+    lines = [
+        "Perplexity by evaluation context length (dense attention):",
+        "",
+        "| model | " + " | ".join(f"{length} tokens" for length in lengths) + " |",
+        "|" + "---|" * (len(lengths) + 1),
+    ]
+    for name, row in evaluation.items():
+        row = {int(length): value for length, value in row.items()}
+        cells = [f"{row[length]:.2f}" if length in row and math.isfinite(row[length]) else "-" for length in lengths]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def loading_section(repo_or_path: str, merged: bool) -> str:
+    if merged:
+        return (
+            "The adapter is merged into the weights and the position interpolation is in `config.json`: plain\n"
+            "transformers loads it with its default (dense) attention, no `longlora_hf` needed.\n\n"
+            "```python\nfrom transformers import AutoModelForCausalLM\n"
+            f'model = AutoModelForCausalLM.from_pretrained("{repo_or_path}")\n```'
+        )
+    return (
+        "With `longlora_hf` installed (`import longlora_hf` registers the adapter type; the position\n"
+        "interpolation is restored and attention is dense):\n\n"
+        "```python\nimport longlora_hf\nfrom peft import AutoPeftModelForCausalLM\n"
+        f'model = AutoPeftModelForCausalLM.from_pretrained("{repo_or_path}")\n```\n\n'
+        "Without `longlora_hf`: merge it once where `longlora_hf` is installed\n"
+        f"(`longlora-hf merge --base BASE --adapter {repo_or_path} --out merged`) and load the merged model with\n"
+        "plain transformers, or export a plain LoRA adapter with `longlora_hf.save_as_plain_lora` and load the\n"
+        "base model with the RoPE scaling above."
+    )
+
+
+def render_model_card(
+    config,
+    *,
+    base_model: str | None = None,
+    repo_or_path: str | None = None,
+    training_data: str | None = None,
+    training_steps: int | str | None = None,
+    evaluation: dict | str | None = None,
+    title: str | None = None,
+    merged: bool = False,
+    tags: list[str] | None = None,
+) -> str:
+    """The README of a LongLoRA adapter (or, with `merged=True`, of a model it was merged into), from
+    `config` (a `LongLoraConfig`) and what is known about the training. Unknown facts say so; nothing
+    about credentials goes in."""
+    from huggingface_hub import ModelCardData
+
+    base_model = base_model or config.base_model_name_or_path
+    hub_base = hub_repo_id(base_model)
+    metadata = ModelCardData(
+        base_model=hub_base,
+        library_name="transformers" if merged else "peft",
+        pipeline_tag="text-generation",
+        tags=sorted({"longlora", "peft", "lora", *(["merged"] if merged else []), *(tags or [])}),
+    ).to_yaml()
+    lora_plus = [
+        part
+        for part, on in (("input embedding", config.trainable_embeddings), ("every normalization layer", config.trainable_norms))
+        if on
+    ]
+    factor = config.position_interpolation_factor
+    target_modules = config.target_modules
+    target_modules = ", ".join(sorted(target_modules)) if isinstance(target_modules, (set, list, tuple)) else str(target_modules)
+    kind = "A model merged from a LongLoRA adapter" if merged else "A LongLoRA adapter"
+    template = files("longlora_hf.model_cards").joinpath(TEMPLATE).read_text()
+    return template.format(
+        metadata=metadata.strip(),
+        title=title or f"{kind}: {base_model or 'base model'} extended to {config.target_context_length or NOT_RECORDED} tokens",
+        summary=(
+            f"{kind} (LongLoRA, Chen et al., ICLR 2024) for {base_model or 'its base model'}: trained with shifted sparse\n"
+            "attention (S2-Attn), LoRA on the attention projections, and trainable embeddings and normalization\n"
+            "layers (LoRA+), at a context extended by position interpolation."
+        ),
+        base_model=f"`{base_model}`" if base_model else NOT_RECORDED,
+        original_context_length=config.original_context_length or NOT_RECORDED,
+        target_context_length=config.target_context_length or NOT_RECORDED,
+        rope_type=config.rope_type,
+        position_interpolation_factor=f"{factor:g}" if factor is not None else NOT_RECORDED,
+        group_size_ratio=f"{config.group_size} tokens" if config.group_size else config.group_size_ratio,
+        r=config.r,
+        lora_alpha=config.lora_alpha,
+        target_modules=target_modules,
+        lora_plus=", ".join(lora_plus) or "no LoRA+ modules",
+        training_data=training_data or NOT_RECORDED,
+        training_steps=training_steps if training_steps not in (None, "") else NOT_RECORDED,
+        evaluation=evaluation_section(evaluation),
+        loading=loading_section(repo_or_path or "path/to/this/model", merged),
+    )
+
+
+def is_generic_card(path: Path) -> bool:
+    """True when `path` is missing or holds the generic card PEFT writes (not one someone wrote)."""
+    if not path.exists():
+        return True
+    from huggingface_hub import ModelCard
+
+    return ModelCard.load(path).text.lstrip().startswith(GENERIC_CARD_HEADING)
+
+
+def write_model_card(save_directory: str | Path, config, *, overwrite: bool = False, **facts) -> Path | None:
+    """Write the LongLoRA card as `save_directory/README.md` unless a card someone wrote is already there
+    (`overwrite=True` replaces it). Returns the path written, or None when a card was kept."""
+    path = Path(save_directory) / "README.md"
+    if not overwrite and not is_generic_card(path):
+        return None
+    path.write_text(render_model_card(config, **facts), encoding="utf-8")
+    return path

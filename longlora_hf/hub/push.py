@@ -1,0 +1,31 @@
+"""Publishing a LongLoRA adapter with its model card."""
+
+from __future__ import annotations
+
+import tempfile
+
+
+def push_adapter_to_hub(model, repo_id: str, *, private: bool = False, commit_message: str = "Upload LongLoRA adapter",
+                        **card_facts) -> str:
+    """Upload `model`'s adapter (config, safetensors weights: LoRA, embeddings, norms) and the LongLoRA model
+    card to `repo_id`, creating the repo if needed; returns the commit URL. `card_facts` go to
+    `render_model_card` (training_data, training_steps, evaluation, ...).
+
+    Use this rather than `model.push_to_hub(repo_id)` when you want the LongLoRA card: transformers'
+    `push_to_hub` (which PEFT models inherit) replaces the saved README with a generic card on a repo's
+    first push. The token is the one `huggingface_hub` finds (`HF_TOKEN` or `hf auth login`)."""
+    from huggingface_hub import HfApi
+
+    from ..tuner import LongLoraConfig
+    from .card import write_model_card
+
+    config = model.peft_config["default"] if "default" in model.peft_config else next(iter(model.peft_config.values()))
+    if not isinstance(config, LongLoraConfig):
+        raise ValueError(f"push_adapter_to_hub publishes LongLoRA adapters; this model's adapter is a {type(config).__name__}. "
+                         "Use model.push_to_hub(repo_id) for it.")
+    api = HfApi()
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder, safe_serialization=True)
+        write_model_card(folder, config, overwrite=True, repo_or_path=repo_id, **card_facts)
+        return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message).commit_url
