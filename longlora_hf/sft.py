@@ -7,7 +7,8 @@
 Every flag and YAML key of `trl sft` works unchanged, plus the LongLoRA ones below. The script runs
 TRL's own `trl.scripts.sft.main`; LongLoRA enters through the two names that function resolves when
 it runs: the PEFT config it builds (a `LongLoraConfig` from the `--lora_*` flags and the LongLoRA
-ones, instead of a `LoraConfig`) and the trainer class (`SFTTrainer` with `LongLoraCallback` added).
+ones, instead of a `LoraConfig`) and the trainer class (`LongLoraSFTTrainer`: `SFTTrainer` with
+`LongLoraCallback` added and the LongLoRA model card for `--push_to_hub`).
 Both are put back when the run ends.
 """
 
@@ -35,6 +36,22 @@ class LongLoraArguments:
     group_size: int | None = field(default=None, metadata={"help": "Absolute S2-Attn group size; overrides group_size_ratio."})
     trainable_embeddings: bool = field(default=True, metadata={"help": "Train the input embedding (LoRA+)."})
     trainable_norms: bool = field(default=True, metadata={"help": "Train every normalization layer (LoRA+)."})
+    record_format: str | None = field(
+        default=None,
+        metadata={
+            "help": "Format the records before TRL reads them: 'longqa' ({material_type, material_content, question, "
+            "answer}, the paper's LongQA prompt) or 'longalpaca' ({instruction, output[, input]}, Llama-2 [INST]). The "
+            "answer becomes the completion, so the loss is on it only. Default: the data is used as TRL reads it."
+        },
+    )
+    record_fields: str | None = field(
+        default=None,
+        metadata={"help": "Field names other than the defaults, as role=column pairs, e.g. 'material_content=context,answer=response'."},
+    )
+    too_long: str = field(
+        default="truncate",
+        metadata={"help": "A LongQA record longer than max_length: 'truncate' (cut the end of the material) or 'drop'."},
+    )
 
 
 def longlora_config(model_args, training_args, longlora_args: LongLoraArguments) -> LongLoraConfig:
@@ -56,23 +73,109 @@ def longlora_config(model_args, training_args, longlora_args: LongLoraArguments)
     )
 
 
+def record_fields(style: str, spec: str | None):
+    """The field names for `style` from 'role=column,...' (roles are the dataclass fields)."""
+    from dataclasses import fields as dataclass_fields
+    from dataclasses import replace
+
+    from .training import LongAlpacaFields, LongQAFields
+
+    names = LongQAFields() if style == "longqa" else LongAlpacaFields()
+    if not spec:
+        return names
+    roles = [f.name for f in dataclass_fields(names)]
+    changes = {}
+    for pair in spec.split(","):
+        role, _, column = pair.partition("=")
+        role, column = role.strip(), column.strip()
+        if role not in roles or not column:
+            raise ValueError(f"--record_fields {spec!r}: {pair!r} is not role=column with a role of {style} records ({', '.join(roles)}).")
+        changes[role] = column
+    return replace(names, **changes)
+
+
+def check_local_record_files(dataset_args) -> None:
+    """Read every local .json/.jsonl data file through `read_records`, so a non-UTF-8, malformed or empty
+    file fails before training with an error that names the file and the line."""
+    from pathlib import Path
+
+    from .training import read_records
+
+    for dataset in dataset_args.datasets or []:
+        files = dataset.data_files
+        files = files.values() if isinstance(files, dict) else [files]
+        for group in files:
+            for path in [group] if isinstance(group, str) else (group or []):
+                if isinstance(path, str) and path.endswith((".json", ".jsonl")) and Path(path).is_file():
+                    read_records(path)
+
+
+def formatter(longlora_args: LongLoraArguments, model_args, training_args):
+    """A function DatasetDict -> DatasetDict of TRL prompt/completion rows, saying what it kept, truncated, dropped."""
+    import logging
+
+    from .training import format_records
+
+    style = longlora_args.record_format
+    if style not in ("longqa", "longalpaca"):
+        raise ValueError(f"--record_format must be 'longqa' or 'longalpaca'; got {style!r}.")
+    fields = record_fields(style, longlora_args.record_fields)
+    logger = logging.getLogger(__name__)
+
+    def format_dataset(dataset):
+        from datasets import Dataset, DatasetDict
+        from transformers import AutoTokenizer
+
+        if not isinstance(dataset, DatasetDict):
+            raise ValueError(f"--record_format needs a map-style dataset (not streaming); got {type(dataset).__name__}.")
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_args.model_name_or_path, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
+        )
+        max_length = training_args.max_length
+        formatted = DatasetDict()
+        for split, rows in dataset.items():
+            examples, counts = format_records(rows.to_list(), style, tokenizer, max_length, longlora_args.too_long, fields)
+            logger.warning(
+                f"LongLoRA {style} formatting of split {split!r}: {counts['kept']} kept, {counts['truncated']} truncated, "
+                f"{counts['dropped']} dropped (max_length {max_length}, too_long={longlora_args.too_long!r})"
+            )
+            formatted[split] = Dataset.from_list(examples)
+        return formatted
+
+    return format_dataset
+
+
 @contextlib.contextmanager
-def longlora_in_trl_sft(config: LongLoraConfig):
-    """While active, TRL's SFT script builds `config` as its PEFT config and adds LongLoraCallback."""
+def longlora_in_trl_sft(config: LongLoraConfig, format_dataset=None):
+    """While active, TRL's SFT script builds `config` as its PEFT config and trains with
+    `LongLoraSFTTrainer` (SFTTrainer + LongLoraCallback + the LongLoRA model card); with `format_dataset`,
+    the dataset it loads goes through it first."""
+    import datasets
     import trl
 
-    from .training import LongLoraCallback
+    from .training import LongLoraSFTTrainer
 
-    class LongLoraSFTTrainer(trl.SFTTrainer):
-        def __init__(self, *args, callbacks=None, **kwargs):
-            super().__init__(*args, callbacks=[*(callbacks or []), LongLoraCallback()], **kwargs)
-
-    saved = trl.get_peft_config, trl.SFTTrainer
+    saved = trl.get_peft_config, trl.SFTTrainer, trl.get_dataset, datasets.load_dataset
     trl.get_peft_config, trl.SFTTrainer = (lambda model_args: config), LongLoraSFTTrainer
+    if format_dataset is not None:
+        depth = [0]
+
+        def formatted(load):
+            def load_and_format(*args, **kwargs):
+                depth[0] += 1  # get_dataset calls load_dataset: format once, on the way out
+                try:
+                    dataset = load(*args, **kwargs)
+                finally:
+                    depth[0] -= 1
+                return format_dataset(dataset) if depth[0] == 0 else dataset
+
+            return load_and_format
+
+        trl.get_dataset, datasets.load_dataset = formatted(saved[2]), formatted(saved[3])
     try:
         yield
     finally:
-        trl.get_peft_config, trl.SFTTrainer = saved
+        trl.get_peft_config, trl.SFTTrainer, trl.get_dataset, datasets.load_dataset = saved
 
 
 def make_parser(subparsers=None, prog: str | None = None):
@@ -95,7 +198,11 @@ def main(argv: list[str] | None = None) -> int:
         trl_sft_main(script_args, training_args, model_args, dataset_args)
         return 0
     model_args.use_peft = True
-    with longlora_in_trl_sft(longlora_config(model_args, training_args, longlora_args)):
+    format_dataset = None
+    if longlora_args.record_format is not None:
+        format_dataset = formatter(longlora_args, model_args, training_args)
+        check_local_record_files(dataset_args)
+    with longlora_in_trl_sft(longlora_config(model_args, training_args, longlora_args), format_dataset):
         trl_sft_main(script_args, training_args, model_args, dataset_args)
     return 0
 

@@ -1,18 +1,21 @@
-"""`LongLoraCallback` in TRL's SFTTrainer: the train-start report and the set-ups it refuses."""
+"""`LongLoraCallback` in TRL's SFTTrainer: the train-start report, the set-ups it refuses, dense evaluation
+inside training; `LongLoraSFTTrainer`'s model card."""
 
 from __future__ import annotations
 
 import logging
+import math
 
 import pytest
 import torch
 from conftest import tiny_model
 from datasets import Dataset
+from huggingface_hub import ModelCard
 from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
 
 from longlora_hf import LongLoraConfig
-from longlora_hf.training import LongLoraCallback
+from longlora_hf.training import LongLoraCallback, LongLoraSFTTrainer
 
 
 def sft_trainer(tmp_path, tokenizer, peft_config, callback, max_length=128, steps=2):
@@ -57,3 +60,58 @@ def test_a_max_length_beyond_the_interpolated_context_stops_training(tmp_path, t
     trainer = sft_trainer(tmp_path, tiny_tokenizer, LongLoraConfig(target_context_length=256), LongLoraCallback(), max_length=300)
     with pytest.raises(ValueError, match="max_length 300 is beyond the model's context of 256 tokens.*target_context_length"):
         trainer.train()
+
+
+def test_evaluation_inside_training_is_dense_and_training_resumes_s2(tmp_path, tiny_tokenizer, monkeypatch):
+    from longlora_hf.attention import s2
+
+    phase, s2_calls = ["train"], {"train": 0, "eval": 0}
+    original = s2.s2_layout
+    monkeypatch.setattr(s2, "s2_layout", lambda *a, **k: s2_calls.__setitem__(phase[0], s2_calls[phase[0]] + 1) or original(*a, **k))
+    rows = torch.randint(4, 128, (4, 128), generator=torch.Generator().manual_seed(0)).tolist()
+    arguments = SFTConfig(
+        output_dir=str(tmp_path), max_length=128, per_device_train_batch_size=1, max_steps=3, learning_rate=1e-3,
+        save_strategy="no", report_to=[], use_cpu=True, logging_steps=1, disable_tqdm=True, bf16=False,
+        eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=2,
+    )
+    trainer = LongLoraSFTTrainer(
+        model=tiny_model("llama"), args=arguments, train_dataset=Dataset.from_dict({"input_ids": rows}),
+        eval_dataset=Dataset.from_dict({"input_ids": rows[:2]}), processing_class=tiny_tokenizer,
+        peft_config=LongLoraConfig(target_context_length=256),
+    )
+    evaluation_loop = trainer.evaluation_loop
+
+    def evaluating(*args, **kwargs):
+        phase[0] = "eval"
+        try:
+            return evaluation_loop(*args, **kwargs)
+        finally:
+            phase[0] = "train"
+
+    trainer.evaluation_loop = evaluating
+    trainer.train()
+    assert s2_calls["eval"] == 0  # three evaluations, none through S2
+    assert s2_calls["train"] >= 3  # every training step after each evaluation ran S2 again
+    # the evaluation loss is the dense loss: the same model switched to plain sdpa gives it
+    eval_loss = trainer.evaluate()["eval_loss"]
+    model = trainer.model
+    model.get_base_model().set_attn_implementation("sdpa")
+    model.eval()
+    batch = torch.tensor(rows[:2])
+    with torch.no_grad():
+        dense = model(input_ids=batch, labels=batch).loss.item()
+    assert abs(eval_loss - dense) < 1e-5, (eval_loss, dense)
+    # and the card the trainer writes for push_to_hub says so
+    card = ModelCard.load(trainer.create_model_card())
+    assert f"perplexity {math.exp(eval_loss):.2f}" in card.text and "| Training steps | 3 (per-device batch 1" in card.text
+    assert {"longlora", "trl", "sft"} <= set(card.data.tags) and "LongLoraCallback" not in card.text
+
+
+@pytest.mark.parametrize("given", [[], [LongLoraCallback()]], ids=["none-given", "one-given"])
+def test_the_longlora_sft_trainer_has_the_callback_exactly_once(tmp_path, tiny_tokenizer, given):
+    arguments = SFTConfig(output_dir=str(tmp_path), max_length=64, report_to=[], use_cpu=True, bf16=False)
+    trainer = LongLoraSFTTrainer(
+        model=tiny_model("llama"), args=arguments, train_dataset=Dataset.from_dict({"input_ids": [[5, 6, 7]]}),
+        processing_class=tiny_tokenizer, peft_config=LongLoraConfig(), callbacks=given,
+    )
+    assert sum(isinstance(c, LongLoraCallback) for c in trainer.callback_handler.callbacks) == 1

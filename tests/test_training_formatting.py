@@ -108,3 +108,28 @@ def test_the_format_command_writes_prompt_completion_jsonl_and_reports_counts(tm
     (tmp_path / "bad.jsonl").write_text(json.dumps({"question": "?"}) + "\n")
     assert cli_main(["format", "--style", "longqa", "--input", str(tmp_path / "bad.jsonl"), "--output", str(tmp_path / "x")]) == 2
     assert "LongQA record 0 has no field 'material_type'" in capsys.readouterr().err
+
+
+def test_continued_pretraining_packs_plain_text_into_full_rows_with_the_loss_on_every_token(tmp_path, tokenizer):
+    """The paper's RedPajama stage, as the paper recipes set it up: packing=True, packing_strategy='wrapped'."""
+    from longlora_hf import LongLoraConfig
+    from longlora_hf.training import LongLoraSFTTrainer
+
+    documents = [" ".join(f"word{i} number {j}." for j in range(40 + 30 * i)) for i in range(6)]
+    arguments = SFTConfig(
+        output_dir=str(tmp_path), max_length=128, packing=True, packing_strategy="wrapped", dataset_text_field="text",
+        per_device_train_batch_size=2, report_to=[], use_cpu=True, max_steps=1, bf16=False,
+    )
+    trainer = LongLoraSFTTrainer(
+        model=tiny_model("llama", vocab_size=len(tokenizer)), args=arguments,
+        train_dataset=Dataset.from_dict({"text": documents}), processing_class=tokenizer,
+        peft_config=LongLoraConfig(target_context_length=512),
+    )
+    total = sum(len(tokenizer(d)["input_ids"]) + 1 for d in documents)  # + EOS per document
+    rows = [row["input_ids"] for row in trainer.train_dataset]
+    assert all(len(row) == 128 for row in rows[:-1]) and len(rows) == -(-total // 128)  # full rows, the rest in the last
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["input_ids"].numel() == 2 * 128
+    assert (batch["labels"] == batch["input_ids"]).all()  # loss on every token: nothing masked
+    trainer.train()
+    assert trainer.state.log_history[-1]["train_loss"] > 0

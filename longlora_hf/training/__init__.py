@@ -1,4 +1,5 @@
-"""Training integration: the Trainer/TRL callback and LongQA / LongAlpaca formatting."""
+"""Training integration: the Trainer/TRL callback, the SFT trainer with the LongLoRA card, and LongQA /
+LongAlpaca formatting."""
 
 from .callback import LongLoraCallback, LongLoraReport
 from .formatting import (
@@ -10,12 +11,14 @@ from .formatting import (
     format_records,
     read_records,
 )
+from .trainer import LongLoraSFTTrainer
 
 __all__ = [
     "LONGQA_PROMPT",
     "LongAlpacaFields",
     "LongLoraCallback",
     "LongLoraReport",
+    "LongLoraSFTTrainer",
     "LongQAFields",
     "format_longalpaca",
     "format_longqa",

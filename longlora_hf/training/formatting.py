@@ -48,9 +48,10 @@ class LongAlpacaFields:
 def _field(record: dict, name: str, index: int, style: str) -> str:
     if not isinstance(record, dict):
         raise ValueError(f"{style} record {index} is a {type(record).__name__}, not a JSON object.")
-    if name not in record:
+    if record.get(name) is None:  # missing, or null (a dataset with a column other records have fills it with None)
+        present = sorted(key for key, value in record.items() if value is not None)
         raise ValueError(
-            f"{style} record {index} has no field {name!r} (it has {sorted(record)}). Fix the record, or name the "
+            f"{style} record {index} has no field {name!r} (it has {present}). Fix the record, or name the "
             "field with the fields argument."
         )
     value = record[name]

@@ -1,0 +1,58 @@
+"""`LongLoraSFTTrainer`: TRL's `SFTTrainer` with `LongLoraCallback` added and the LongLoRA model card."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import trl
+
+from .callback import LongLoraCallback
+
+
+class LongLoraSFTTrainer(trl.SFTTrainer):
+    """`trl.SFTTrainer`, plus two things: `LongLoraCallback` is added when the callbacks lack one, and
+    `create_model_card` (what `trainer.push_to_hub()` calls) writes the LongLoRA card from
+    `model_cards/` with what the trainer knows (data, steps, evaluation) instead of TRL's generic card.
+    Everything else, arguments included, is `SFTTrainer`'s."""
+
+    def __init__(self, *args, callbacks=None, **kwargs):
+        callbacks = list(callbacks or [])
+        if not any(isinstance(c, LongLoraCallback) or c is LongLoraCallback for c in callbacks):
+            callbacks.append(LongLoraCallback())
+        super().__init__(*args, callbacks=callbacks, **kwargs)
+
+    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, tags=None, **kwargs):
+        from ..hub.card import write_model_card
+        from ..tuner import LongLoraConfig
+
+        config = next((c for c in (getattr(self.model, "peft_config", {}) or {}).values() if isinstance(c, LongLoraConfig)), None)
+        if config is None:  # not a LongLoRA model: TRL's card
+            return super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags, **kwargs)
+        if not self.is_world_process_zero():
+            return None
+        args = self.args
+        rows = len(self.train_dataset) if self.train_dataset is not None and hasattr(self.train_dataset, "__len__") else None
+        data = dataset_name or (f"{rows:,} training rows (source not recorded)" if rows else None)
+        steps = None
+        if self.state.global_step:
+            steps = (
+                f"{self.state.global_step} (per-device batch {args.per_device_train_batch_size}, gradient accumulation "
+                f"{args.gradient_accumulation_steps}, {args.world_size} process(es), lr {args.learning_rate:g}, "
+                f"max_length {getattr(args, 'max_length', None)})"
+            )
+        evaluations = [entry for entry in self.state.log_history if "eval_loss" in entry]
+        evaluation = None
+        if evaluations:
+            last = evaluations[-1]
+            evaluation = (
+                f"Evaluation during training (dense attention, rows of up to {getattr(args, 'max_length', None)} tokens): "
+                f"loss {last['eval_loss']:.4f}, perplexity {math.exp(last['eval_loss']):.2f} at step {last.get('step')}."
+            )
+        extra_tags = [tags] if isinstance(tags, str) else list(tags or [])
+        extra_tags += [*(getattr(self.model, "model_tags", None) or []), *self._tag_names]
+        repo = self.hub_model_id or model_name
+        return write_model_card(
+            args.output_dir, config, overwrite=True, repo_or_path=repo or os.path.basename(os.path.abspath(args.output_dir)),
+            training_data=data, training_steps=steps, evaluation=evaluation, tags=extra_tags,
+        )

@@ -1,0 +1,237 @@
+"""Pushing to and pulling from a Hub: LongLoRA adapters (`longlora_hf.hub.push_adapter_to_hub`,
+`peft_model.push_to_hub`, `trainer.push_to_hub` through `longlora-hf sft --push_to_hub`), merged models
+(`longlora-hf merge --push-to-hub`), their cards.
+
+Every push and pull runs in a fresh Python process with the unmodified `huggingface_hub` client pointed
+at a Hub-compatible server on loopback (`HF_ENDPOINT`, tests/hub_server.py says which Hub behaviours it
+covers), a token in `HF_TOKEN`, and its own empty cache (`HF_HOME`), so nothing is read from disk that
+did not come over HTTP. The token must never show up in output, in files written, or on the Hub.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import shadow_longlora_hf
+from hub_server import LocalHub
+from huggingface_hub import ModelCard
+from safetensors.torch import load, load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "hf_longloraTestToken0123456789"
+BASE, ADAPTER, MERGED, SFT = "alice/tiny-base", "alice/tiny-longlora", "alice/tiny-merged", "alice/tiny-sft"
+PEFT_PUSHED = "alice/tiny-longlora-peft-push"
+
+
+def hub_python(hub: LocalHub, home: Path, code: str, cwd: Path = ROOT, token: str | None = TOKEN, extra_env=None):
+    """Run `code` in a new process talking to `hub`, with an empty cache at `home`; fail on a non-zero exit or
+    on the token appearing in the output."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_TOKEN", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_ENDPOINT=hub.endpoint, HF_HOME=str(home), HF_HUB_DISABLE_TELEMETRY="1", OMP_NUM_THREADS="1", **(extra_env or {}))
+    if token:
+        env["HF_TOKEN"] = token
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert TOKEN not in result.stdout + result.stderr
+    return result
+
+
+def succeeded(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def assert_token_absent(*places):
+    """No file under the given directories, and no file in the given {name: bytes} dicts, holds the token."""
+    for place in places:
+        contents = place.items() if isinstance(place, dict) else ((p, p.read_bytes()) for p in Path(place).rglob("*") if p.is_file())
+        for name, content in contents:
+            assert TOKEN.encode() not in content, f"the token was written to {name}"
+
+
+PUSH_ADAPTER = """
+    import torch
+    from peft import get_peft_model
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+    from longlora_hf import LongLoraConfig
+    from longlora_hf.hub import push_adapter_to_hub
+
+    base = AutoModelForCausalLM.from_pretrained("{base}")
+    model = get_peft_model(base, LongLoraConfig(target_context_length=1024))
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # stand-in for training: move every trainable tensor (LoRA, embeddings, norms)
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    model.eval()
+    ids = torch.randint(0, 4096, (1, 700), generator=torch.Generator().manual_seed(0))  # beyond the base's 256
+    with torch.no_grad():
+        save_file({{"ids": ids, "logits": model(ids).logits}}, "{out}")
+    push_adapter_to_hub(model, "{repo}")
+    model.push_to_hub("{peft_repo}")  # PEFT's own way, too
+"""
+
+PULL_ADAPTER = """
+    import torch
+    import longlora_hf
+    from peft import AutoPeftModelForCausalLM, PeftModel
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    ids = load_file("{pushed}")["ids"]
+    auto = AutoPeftModelForCausalLM.from_pretrained("{repo}")
+    base = AutoModelForCausalLM.from_pretrained("{base}")
+    explicit = PeftModel.from_pretrained(base, "{repo}")
+    for model in (auto, explicit):
+        config = model.get_base_model().config
+        assert config.max_position_embeddings == 1024, config.max_position_embeddings
+        assert config._attn_implementation == "sdpa", config._attn_implementation
+    with torch.no_grad():
+        save_file({{"auto": auto(ids).logits, "explicit": explicit(ids).logits}}, "{out}")
+"""
+
+
+@pytest.fixture(scope="module")
+def hub():
+    with LocalHub({TOKEN: "alice"}) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def pushed(hub, tmp_path_factory):
+    """The bundled demo Llama published as alice/tiny-base, and a LongLoRA adapter on it (trainable tensors
+    moved as training would) published with `push_adapter_to_hub` and with `peft_model.push_to_hub`; its logits
+    before pushing."""
+    tmp = tmp_path_factory.mktemp("pushed")
+    code = f"""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from longlora_hf.demo import ASSETS
+        AutoModelForCausalLM.from_pretrained(ASSETS).push_to_hub("{BASE}")
+        AutoTokenizer.from_pretrained(ASSETS).push_to_hub("{BASE}")
+    """
+    succeeded(hub_python(hub, tmp / "home_base", code))
+    succeeded(hub_python(hub, tmp / "home_push", PUSH_ADAPTER.format(base=BASE, repo=ADAPTER, peft_repo=PEFT_PUSHED, out=tmp / "pushed.safetensors")))
+    return tmp / "pushed.safetensors"
+
+
+def test_push_adapter_to_hub_publishes_config_safetensors_and_the_longlora_card(hub, pushed):
+    files = hub.files(ADAPTER)
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(files)
+    assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in files)  # safetensors only
+    config = json.loads(files["adapter_config.json"])
+    assert config["peft_type"] == "LONGLORA" and config["base_model_name_or_path"] == BASE
+    assert (config["target_context_length"], config["position_interpolation_factor"]) == (1024, 4.0)
+    weights = load(files["adapter_model.safetensors"])
+    for part in ("lora_A", "lora_B", "embed_tokens", "input_layernorm", "model.norm"):
+        assert any(part in key for key in weights), part
+    card = ModelCard(files["README.md"].decode())
+    assert card.data.base_model == BASE and card.data.library_name == "peft" and card.data.pipeline_tag == "text-generation"
+    assert {"longlora", "peft", "lora"} <= set(card.data.tags)
+    for fact in (f"| Base model | `{BASE}` |", "| Original context | 256 tokens |", "| Target context | 1024 tokens |",
+                 "| Position interpolation | linear, factor 4 |", "| S2-Attn group size ratio | 0.25",
+                 "input embedding, every normalization layer", "| Training data | not recorded |",
+                 "| Training steps | not recorded |", "Not evaluated yet", "import longlora_hf", "longlora-hf merge",
+                 f'AutoPeftModelForCausalLM.from_pretrained("{ADAPTER}")'):
+        assert fact in card.text, fact
+    assert_token_absent(files)
+
+
+@pytest.mark.parametrize("repo", [ADAPTER, PEFT_PUSHED])
+def test_a_pulled_adapter_gives_the_pushed_logits_with_long_context_and_dense_attention(hub, pushed, tmp_path, repo):
+    out = tmp_path / "pulled.safetensors"
+    succeeded(hub_python(hub, tmp_path / "home", PULL_ADAPTER.format(repo=repo, base=BASE, pushed=pushed, out=out)))
+    expected, pulled = load_file(pushed)["logits"], load_file(out)
+    torch.testing.assert_close(pulled["auto"], expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(pulled["explicit"], expected, atol=1e-5, rtol=0)
+    downloads = [path for method, path in hub.state.requests if method == "GET" and "/resolve/" in path]
+    assert any(path.startswith(f"/{repo}/resolve/") for path in downloads)  # it came over HTTP
+
+
+def test_pulling_needs_longlora_hf_and_says_so(hub, pushed, tmp_path):
+    code = f"""
+        from peft import AutoPeftModelForCausalLM
+        AutoPeftModelForCausalLM.from_pretrained("{ADAPTER}")
+    """
+    result = hub_python(hub, tmp_path / "home", code, cwd=tmp_path, extra_env={"PYTHONPATH": shadow_longlora_hf(tmp_path)})
+    assert result.returncode != 0 and "LONGLORA" in result.stderr
+
+
+def test_merge_push_to_hub_publishes_a_model_plain_transformers_loads(hub, pushed, tmp_path):
+    result = succeeded(hub_python(hub, tmp_path / "home_merge", f"""
+        import sys
+        from longlora_hf.cli import main
+        sys.exit(main(["merge", "--base", "{BASE}", "--adapter", "{ADAPTER}", "--out", "{tmp_path / 'merged'}",
+                       "--push-to-hub", "{MERGED}"]))
+    """))
+    assert f"pushed to {MERGED}" in result.stdout
+    files = hub.files(MERGED)
+    assert {"config.json", "model.safetensors", "README.md", "tokenizer.json"} <= set(files)
+    card = ModelCard(files["README.md"].decode())
+    assert card.data.library_name == "transformers" and card.data.base_model == BASE and "merged" in card.data.tags
+    assert "no `longlora_hf` needed" in card.text and f'from_pretrained("{MERGED}")' in card.text
+    # a process where longlora_hf cannot be imported loads it with its default attention: same logits
+    out = tmp_path / "merged_logits.safetensors"
+    succeeded(hub_python(hub, tmp_path / "home_plain", f"""
+        import torch
+        from safetensors.torch import load_file, save_file
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained("{MERGED}")
+        assert model.config._attn_implementation == "sdpa" and model.config.max_position_embeddings == 1024
+        with torch.no_grad():
+            save_file({{"logits": model(load_file("{pushed}")["ids"]).logits}}, "{out}")
+    """, cwd=tmp_path, extra_env={"PYTHONPATH": shadow_longlora_hf(tmp_path)}))
+    torch.testing.assert_close(load_file(out)["logits"], load_file(pushed)["logits"], atol=1e-4, rtol=0)
+    assert_token_absent(files, tmp_path / "merged")
+
+
+def test_merge_push_to_hub_without_a_token_fails_clearly_and_keeps_the_local_model(hub, pushed, tmp_path):
+    result = hub_python(hub, tmp_path / "home", f"""
+        import sys
+        from longlora_hf.cli import main
+        sys.exit(main(["merge", "--base", "{BASE}", "--adapter", "{ADAPTER}", "--out", "{tmp_path / 'merged'}",
+                       "--push-to-hub", "alice/never-created"]))
+    """, token=None)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "longlora-hf merge: error: the Hub refused" in result.stderr and "HF_TOKEN" in result.stderr
+    assert (tmp_path / "merged" / "model.safetensors").exists() and "alice/never-created" not in hub.state.repos
+
+
+@pytest.mark.distributed  # a real training run, in a subprocess
+def test_sft_push_to_hub_publishes_the_trained_adapter_with_its_training_in_the_card(hub, pushed, tmp_path):
+    out = tmp_path / "run"
+    result = succeeded(hub_python(hub, tmp_path / "home_train", f"""
+        import sys
+        from longlora_hf.sft import main
+        sys.exit(main(["--config", "trainer_configs/recipes/tiny_cpu.yaml", "--model_name_or_path", "{BASE}",
+                       "--output_dir", "{out}", "--max_steps", "2", "--disable_tqdm", "true",
+                       "--push_to_hub", "true", "--hub_model_id", "{SFT}"]))
+    """))
+    files = hub.files(SFT)
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(files)
+    assert not any(name.startswith("checkpoint-") for name in files)
+    card = ModelCard(files["README.md"].decode())
+    assert {"longlora", "peft", "trl", "sft"} <= set(card.data.tags) and card.data.base_model == BASE
+    assert "| Training steps | 2 (per-device batch 1, gradient accumulation 1, 1 process(es), lr 0.001, max_length 1024) |" in card.text
+    assert "| Target context | 1024 tokens |" in card.text and f'from_pretrained("{SFT}")' in card.text
+    # the pulled adapter is the one the run saved
+    pulled = tmp_path / "pulled.safetensors"
+    succeeded(hub_python(hub, tmp_path / "home_pull", f"""
+        import torch, longlora_hf
+        from peft import AutoPeftModelForCausalLM
+        from safetensors.torch import save_file
+        ids = torch.randint(0, 4096, (1, 300), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            save_file({{"hub": AutoPeftModelForCausalLM.from_pretrained("{SFT}")(ids).logits,
+                        "local": AutoPeftModelForCausalLM.from_pretrained("{out}")(ids).logits}}, "{pulled}")
+    """))
+    logits = load_file(pulled)
+    torch.testing.assert_close(logits["hub"], logits["local"], atol=0, rtol=0)
+    assert_token_absent(files, out)
+    assert TOKEN not in result.stdout + result.stderr
