@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,15 @@ def test_the_tiny_recipe_trains_a_longlora_adapter_through_trls_script(tmp_path,
     model = AutoPeftModelForCausalLM.from_pretrained(tmp_path)
     assert model.get_base_model().config.max_position_embeddings == 1024
     assert model.get_base_model().config._attn_implementation == "sdpa"
+
+
+def test_a_run_shows_a_progress_bar_the_trainer_logs_and_the_report_once(tmp_path):
+    result = run(["-m", "longlora_hf.sft", "--config", RECIPE, "--output_dir", str(tmp_path), "--max_steps", "2",
+                  "--logging_steps", "1"])
+    output = result.stdout + result.stderr
+    assert re.search(r"2/2 \[[0-9:]+<", output)  # tqdm's bar reached the last step
+    assert len(re.findall(r"'loss': '?[0-9.]+", output)) == 2  # the Trainer's usual log lines, one per step
+    assert output.count("LongLoRA: S2-Attn on: group size 256, 4 groups at max_length 1024") == 1
 
 
 def test_longlora_flags_override_the_recipe(tmp_path, monkeypatch):
@@ -218,3 +228,19 @@ def test_a_resumed_run_ends_with_the_same_adapter_as_an_uninterrupted_one(tmp_pa
     run(sft_command(data, tmp_path / "resumed", ["--max_steps", "4", *common, "--resume_from_checkpoint", str(tmp_path / "resumed" / "checkpoint-2")]))
     torch.testing.assert_close(logits_of(tmp_path / "resumed"), logits_of(tmp_path / "straight"), atol=1e-6, rtol=0)
     assert not torch.allclose(logits_of(tmp_path / "resumed" / "checkpoint-2"), logits_of(tmp_path / "straight"))
+
+
+@pytest.mark.distributed
+def test_a_zero3_run_resumed_from_its_checkpoint_ends_with_the_uninterrupted_adapter(tmp_path):
+    data = identical_rows_dataset(tmp_path / "data.jsonl")
+    common = ["--save_strategy", "steps", "--save_steps", "2", "--learning_rate", "5e-3", "--seed", "7",
+              "--per_device_train_batch_size", "1"]
+    launch = ["-m", "accelerate.commands.launch", "--config_file", "tests/configs/cpu_deepspeed_zero3.yaml"]
+    run([*launch, *sft_command(data, tmp_path / "straight", ["--max_steps", "4", *common])])
+    run([*launch, *sft_command(data, tmp_path / "resumed", ["--max_steps", "2", *common])])
+    checkpoint = tmp_path / "resumed" / "checkpoint-2"
+    assert any(p.name.startswith("global_step") for p in checkpoint.iterdir())  # DeepSpeed's optimizer shards
+    run([*launch, *sft_command(data, tmp_path / "resumed", ["--max_steps", "4", *common, "--resume_from_checkpoint", str(checkpoint)])])
+    torch.testing.assert_close(logits_of(tmp_path / "resumed"), logits_of(tmp_path / "straight"), atol=1e-6, rtol=0)
+    assert not torch.allclose(logits_of(checkpoint), logits_of(tmp_path / "straight"))
+
