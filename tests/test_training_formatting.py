@@ -57,6 +57,13 @@ def test_the_loss_is_on_the_answer_only(tmp_path, tokenizer):
         assert tokenizer.decode([label for label in labels if label != -100]) == example["completion"] + tokenizer.eos_token
 
 
+def test_the_formatters_map_a_datasets_dataset_into_trls_prompt_completion_columns():
+    records = [RECORD, {**RECORD, "answer": "Everybody."}]
+    dataset = Dataset.from_list(records)
+    mapped = dataset.map(format_longqa, remove_columns=dataset.column_names)
+    assert mapped.column_names == ["prompt", "completion"] and mapped.to_list() == format_records(records, "longqa")[0]
+
+
 def test_a_record_missing_a_field_is_named_before_training():
     with pytest.raises(ValueError, match=r"LongQA record 1 has no field 'question' \(it has \['answer', 'material_content', 'material_type'\]\)"):
         format_records([RECORD, {k: v for k, v in RECORD.items() if k != "question"}], "longqa")

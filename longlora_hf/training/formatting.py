@@ -7,6 +7,7 @@ the completion and the material and question are the prompt.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,7 +47,7 @@ class LongAlpacaFields:
 
 
 def _field(record: dict, name: str, index: int, style: str) -> str:
-    if not isinstance(record, dict):
+    if not isinstance(record, Mapping):  # a dict, or the row a `datasets` map passes
         raise ValueError(f"{style} record {index} is a {type(record).__name__}, not a JSON object.")
     if record.get(name) is None:  # missing, or null (a dataset with a column other records have fills it with None)
         present = sorted(key for key, value in record.items() if value is not None)
@@ -71,7 +72,7 @@ def format_longalpaca(
 ) -> dict[str, str]:
     """{instruction, output[, input]} -> {prompt, completion} in Llama-2's [INST] chat format."""
     instruction = _field(record, fields.instruction, index, "LongAlpaca")
-    extra = record.get(fields.input, "") if isinstance(record, dict) else ""
+    extra = record.get(fields.input, "") if isinstance(record, Mapping) else ""
     if extra:
         instruction = f"{instruction} \n{extra}"
     prompt = f"[INST] <<SYS>>\n{system_prompt}\n<</SYS>> \n\n {instruction} [/INST]"
