@@ -235,3 +235,32 @@ def test_sft_push_to_hub_publishes_the_trained_adapter_with_its_training_in_the_
     torch.testing.assert_close(logits["hub"], logits["local"], atol=0, rtol=0)
     assert_token_absent(files, out)
     assert TOKEN not in result.stdout + result.stderr
+
+
+def test_the_loopback_hub_refuses_what_the_hub_refuses(hub, tmp_path):
+    """The server's checks are real: the client gets the Hub's errors for them."""
+    result = hub_python(hub, tmp_path / "home", f"""
+        from huggingface_hub import HfApi
+        from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError
+        api = HfApi()
+        api.create_repo("alice/private-one", private=True)
+        api.upload_file(path_or_fileobj=b"x", path_in_repo="a.txt", repo_id="alice/private-one")
+        def refused(call, error, text=""):
+            try:
+                call()
+            except error as e:
+                assert text in str(e), str(e)
+                return
+            raise AssertionError(f"not refused: {{call}}")
+        anonymous = HfApi(token=False)
+        refused(lambda: anonymous.model_info("alice/private-one"), RepositoryNotFoundError)
+        refused(lambda: HfApi(token="hf_wrong").upload_file(path_or_fileobj=b"y", path_in_repo="b.txt", repo_id="alice/private-one"),
+                HfHubHTTPError, "Invalid credentials")
+        refused(lambda: api.create_repo("bob/not-mine"), HfHubHTTPError, "403")
+        refused(lambda: api.hf_hub_download("alice/private-one", "missing.txt"), EntryNotFoundError)
+        refused(lambda: api.upload_file(path_or_fileobj=b"---\\nbase_model: ./local/dir\\n---\\n# card\\n", path_in_repo="README.md",
+                                        repo_id="alice/private-one"), ValueError, "base_model")
+        assert api.list_repo_files("alice/private-one") == [".gitattributes", "a.txt"]
+        print("all refused")
+    """)
+    assert result.returncode == 0 and "all refused" in result.stdout, result.stderr[-3000:]
