@@ -113,7 +113,7 @@ def render_model_card(
         metadata=metadata.strip(),
         title=title or f"{kind}: {base_model or 'base model'} extended to {config.target_context_length or NOT_RECORDED} tokens",
         summary=(
-            f"{kind} (LongLoRA, Chen et al., ICLR 2024) for {base_model or 'its base model'}: trained with shifted sparse\n"
+            f"{kind} (Chen et al., ICLR 2024) for {base_model or 'its base model'}: trained with shifted sparse\n"
             "attention (S2-Attn), LoRA on the attention projections, and trainable embeddings and normalization\n"
             "layers (LoRA+), at a context extended by position interpolation."
         ),
