@@ -196,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not longlora_args.longlora:
         trl_sft_main(script_args, training_args, model_args, dataset_args)
+        end_distributed()
         return 0
     model_args.use_peft = True
     format_dataset = None
@@ -204,7 +205,22 @@ def main(argv: list[str] | None = None) -> int:
         check_local_record_files(dataset_args)
     with longlora_in_trl_sft(longlora_config(model_args, training_args, longlora_args), format_dataset):
         trl_sft_main(script_args, training_args, model_args, dataset_args)
+    end_distributed()
     return 0
+
+
+def end_distributed() -> None:
+    """Leave the process groups cleanly once every rank is done. Otherwise, with DeepSpeed on the CPU, a
+    Gloo worker thread can still be releasing a tensor when the interpreter shuts down, and the rank aborts
+    ("terminate called without an active exception") after a successful run, failing the launch."""
+    import gc
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    gc.collect()  # the trainer, the DeepSpeed engine and their tensors go now, while Python can still free them
 
 
 if __name__ == "__main__":
