@@ -143,6 +143,17 @@ def test_push_adapter_to_hub_publishes_config_safetensors_and_the_longlora_card(
     assert_token_absent(files)
 
 
+def test_peft_push_to_hub_uploads_the_adapter_but_transformers_writes_its_generic_card(hub, pushed):
+    """What the README says of `peft_model.push_to_hub`: same files, but on a repo's first push transformers'
+    `PushToHubMixin` replaces the saved README with its own card (use `push_adapter_to_hub` for ours). If
+    this starts failing, transformers changed and the README should say so."""
+    files = hub.files(PEFT_PUSHED)
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(files)
+    assert load(files["adapter_model.safetensors"]).keys() == load(hub.files(ADAPTER)["adapter_model.safetensors"]).keys()
+    card = ModelCard(files["README.md"].decode())
+    assert "longlora" not in (card.data.tags or []) and "| Target context |" not in card.text
+
+
 @pytest.mark.parametrize("repo", [ADAPTER, PEFT_PUSHED])
 def test_a_pulled_adapter_gives_the_pushed_logits_with_long_context_and_dense_attention(hub, pushed, tmp_path, repo):
     out = tmp_path / "pulled.safetensors"
