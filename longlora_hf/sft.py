@@ -15,6 +15,7 @@ Both are put back when the run ends.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from dataclasses import dataclass, field
 
@@ -119,6 +120,8 @@ def formatter(longlora_args: LongLoraArguments, model_args, training_args):
     style = longlora_args.record_format
     if style not in ("longqa", "longalpaca"):
         raise ValueError(f"--record_format must be 'longqa' or 'longalpaca'; got {style!r}.")
+    if longlora_args.too_long not in ("truncate", "drop"):
+        raise ValueError(f"--too_long must be 'truncate' or 'drop'; got {longlora_args.too_long!r}.")
     fields = record_fields(style, longlora_args.record_fields)
     logger = logging.getLogger(__name__)
 
@@ -135,28 +138,31 @@ def formatter(longlora_args: LongLoraArguments, model_args, training_args):
         formatted = DatasetDict()
         for split, rows in dataset.items():
             examples, counts = format_records(rows.to_list(), style, tokenizer, max_length, longlora_args.too_long, fields)
-            logger.warning(
-                f"LongLoRA {style} formatting of split {split!r}: {counts['kept']} kept, {counts['truncated']} truncated, "
-                f"{counts['dropped']} dropped (max_length {max_length}, too_long={longlora_args.too_long!r})"
-            )
             formatted[split] = Dataset.from_list(examples)
+            if os.environ.get("RANK", "0") == "0":  # every rank formats; the main one says so
+                logger.warning(
+                    f"LongLoRA {style} formatting of split {split!r}: {counts['kept']} kept, {counts['truncated']} "
+                    f"truncated, {counts['dropped']} dropped (max_length {max_length}, too_long={longlora_args.too_long!r})"
+                )
         return formatted
 
     return format_dataset
 
 
 @contextlib.contextmanager
-def longlora_in_trl_sft(config: LongLoraConfig, format_dataset=None):
+def longlora_in_trl_sft(config: LongLoraConfig | None, format_dataset=None):
     """While active, TRL's SFT script builds `config` as its PEFT config and trains with
     `LongLoraSFTTrainer` (SFTTrainer + LongLoraCallback + the LongLoRA model card); with `format_dataset`,
-    the dataset it loads goes through it first."""
+    the dataset it loads goes through it first. `config=None` (plain TRL) leaves the PEFT config and the
+    trainer as TRL makes them."""
     import datasets
     import trl
 
     from .training import LongLoraSFTTrainer
 
     saved = trl.get_peft_config, trl.SFTTrainer, trl.get_dataset, datasets.load_dataset
-    trl.get_peft_config, trl.SFTTrainer = (lambda model_args: config), LongLoraSFTTrainer
+    if config is not None:
+        trl.get_peft_config, trl.SFTTrainer = (lambda model_args: config), LongLoraSFTTrainer
     if format_dataset is not None:
         depth = [0]
 
@@ -194,16 +200,15 @@ def main(argv: list[str] | None = None) -> int:
     script_args, training_args, model_args, dataset_args, longlora_args = parser.parse_args_and_config(
         args=argv, fail_with_unknown_args=True
     )
-    if not longlora_args.longlora:
-        trl_sft_main(script_args, training_args, model_args, dataset_args)
-        end_distributed()
-        return 0
-    model_args.use_peft = True
     format_dataset = None
     if longlora_args.record_format is not None:
         format_dataset = formatter(longlora_args, model_args, training_args)
         check_local_record_files(dataset_args)
-    with longlora_in_trl_sft(longlora_config(model_args, training_args, longlora_args), format_dataset):
+    config = None
+    if longlora_args.longlora:
+        model_args.use_peft = True
+        config = longlora_config(model_args, training_args, longlora_args)
+    with longlora_in_trl_sft(config, format_dataset):
         trl_sft_main(script_args, training_args, model_args, dataset_args)
     end_distributed()
     return 0

@@ -113,6 +113,25 @@ def test_bad_records_stop_the_run_before_training_with_the_record_and_field_name
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
 
 
+def test_plain_trl_sft_formats_records_too(tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(ROOT)
+    recipe = longqa_recipe(tmp_path, [longqa_record(20), longqa_record(30)])
+    args = ["sft", "--config", recipe, "--max_steps", "1", "--disable_tqdm", "true", "--record_format", "longqa",
+            "--record_fields", "material_content=context", "--longlora", "false"]
+    with caplog.at_level("WARNING", logger="longlora_hf.sft"):
+        assert cli_main(args) == 0
+    assert "2 kept, 0 truncated, 0 dropped" in caplog.text
+    assert "LongLoRA: S2-Attn" not in caplog.text  # plain TRL: no LongLoRA trainer, no LongLoRA adapter
+    assert not (tmp_path / "out" / "adapter_config.json").exists() or json.loads(
+        (tmp_path / "out" / "adapter_config.json").read_text())["peft_type"] != "LONGLORA"
+
+
+def test_an_unknown_too_long_policy_is_refused(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(ValueError, match="--too_long must be 'truncate' or 'drop'; got 'cut'"):
+        cli_main(["sft", "--config", RECIPE, "--record_format", "longqa", "--too_long", "cut"])
+
+
 def test_an_unknown_record_field_role_is_refused(monkeypatch):
     monkeypatch.chdir(ROOT)
     with pytest.raises(ValueError, match="'material=context' is not role=column with a role of longqa records"):
