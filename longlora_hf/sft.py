@@ -229,4 +229,15 @@ def end_distributed() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # A launched rank whose run has ended and been saved leaves without interpreter teardown: even after
+        # end_distributed, a Gloo worker thread still finishing DeepSpeed's asynchronous communication can
+        # need the GIL during teardown and abort the rank (seen in CI under load), failing a good run.
+        import logging
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
