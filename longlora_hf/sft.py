@@ -233,10 +233,11 @@ if __name__ == "__main__":
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # A launched rank whose run has ended and been saved leaves without interpreter teardown: even after
         # end_distributed, a Gloo worker thread still finishing DeepSpeed's asynchronous communication can
-        # need the GIL during teardown and abort the rank (seen in CI under load), failing a good run.
-        import logging
+        # need the GIL during teardown and abort the rank (seen in CI under load), failing a good run. The
+        # atexit handlers (experiment trackers, logging) still run first, while Python is whole.
+        import atexit
 
-        logging.shutdown()
+        atexit._run_exitfuncs()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
