@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .metrics.cli import add_eval_command
 
@@ -70,8 +71,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"longlora-hf {args.command}: error: {error}", file=sys.stderr)
             return 2
         except HfHubHTTPError as error:
+            kept = f"; the merged model is saved in {args.out}" if args.command == "merge" and Path(args.out).exists() else ""
             print(f"longlora-hf {args.command}: error: the Hub refused: {error}\nCheck the repo id and your token "
-                  "(`hf auth login`, or HF_TOKEN); the merged model is saved locally.", file=sys.stderr)
+                  f"(`hf auth login`, or HF_TOKEN){kept}.", file=sys.stderr)
             return 2
         return 0
     if args.command == "demo":

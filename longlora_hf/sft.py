@@ -96,8 +96,9 @@ def record_fields(style: str, spec: str | None):
 
 
 def check_local_record_files(dataset_args) -> None:
-    """Read every local .json/.jsonl data file through `read_records`, so a non-UTF-8, malformed or empty
-    file fails before training with an error that names the file and the line."""
+    """Read every local .json/.jsonl data file through `read_records`, whose errors name the file and the
+    line of a non-UTF-8, malformed or empty file. Called when a run with `--record_format` failed (loading
+    and formatting come before training), so the data is read a second time only then."""
     from pathlib import Path
 
     from .training import read_records
@@ -203,13 +204,17 @@ def main(argv: list[str] | None = None) -> int:
     format_dataset = None
     if longlora_args.record_format is not None:
         format_dataset = formatter(longlora_args, model_args, training_args)
-        check_local_record_files(dataset_args)
     config = None
     if longlora_args.longlora:
         model_args.use_peft = True
         config = longlora_config(model_args, training_args, longlora_args)
-    with longlora_in_trl_sft(config, format_dataset):
-        trl_sft_main(script_args, training_args, model_args, dataset_args)
+    try:
+        with longlora_in_trl_sft(config, format_dataset):
+            trl_sft_main(script_args, training_args, model_args, dataset_args)
+    except Exception:
+        if format_dataset is not None:
+            check_local_record_files(dataset_args)  # a bad data file: its own error names the file and line
+        raise
     end_distributed()
     return 0
 

@@ -250,7 +250,7 @@ def test_sft_push_to_hub_publishes_the_trained_adapter_with_its_training_in_the_
 
 def test_the_loopback_hub_refuses_what_the_hub_refuses(hub, tmp_path):
     """The server's checks are real: the client gets the Hub's errors for them."""
-    result = hub_python(hub, tmp_path / "home", f"""
+    result = hub_python(hub, tmp_path / "home", """
         from huggingface_hub import HfApi
         from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError
         api = HfApi()
@@ -262,7 +262,7 @@ def test_the_loopback_hub_refuses_what_the_hub_refuses(hub, tmp_path):
             except error as e:
                 assert text in str(e), str(e)
                 return
-            raise AssertionError(f"not refused: {{call}}")
+            raise AssertionError(f"not refused: {call}")
         anonymous = HfApi(token=False)
         refused(lambda: anonymous.model_info("alice/private-one"), RepositoryNotFoundError)
         refused(lambda: HfApi(token="hf_wrong").upload_file(path_or_fileobj=b"y", path_in_repo="b.txt", repo_id="alice/private-one"),

@@ -33,9 +33,7 @@ def merge_adapter(base: str, adapter: str, out: str | Path, push_to_hub: str | N
         write_model_card(out, config, overwrite=True, base_model=base, repo_or_path=push_to_hub or str(out), merged=True,
                          training_data=f"see the adapter, {adapter}")
     if push_to_hub:
-        from huggingface_hub import HfApi
+        from .push import upload_folder
 
-        api = HfApi()
-        api.create_repo(push_to_hub, private=private, exist_ok=True)
-        api.upload_folder(repo_id=push_to_hub, folder_path=out, commit_message=f"Merge LongLoRA adapter {adapter} into {base}")
+        upload_folder(out, push_to_hub, private=private, commit_message=f"Merge LongLoRA adapter {adapter} into {base}")
     return out

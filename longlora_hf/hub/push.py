@@ -14,18 +14,23 @@ def push_adapter_to_hub(model, repo_id: str, *, private: bool = False, commit_me
     Use this rather than `model.push_to_hub(repo_id)` when you want the LongLoRA card: transformers'
     `push_to_hub` (which PEFT models inherit) replaces the saved README with a generic card on a repo's
     first push. The token is the one `huggingface_hub` finds (`HF_TOKEN` or `hf auth login`)."""
-    from huggingface_hub import HfApi
-
     from ..tuner import LongLoraConfig
     from .card import write_model_card
 
-    config = model.peft_config["default"] if "default" in model.peft_config else next(iter(model.peft_config.values()))
+    config = model.active_peft_config
     if not isinstance(config, LongLoraConfig):
         raise ValueError(f"push_adapter_to_hub publishes LongLoRA adapters; this model's adapter is a {type(config).__name__}. "
                          "Use model.push_to_hub(repo_id) for it.")
-    api = HfApi()
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder, safe_serialization=True)
         write_model_card(folder, config, overwrite=True, repo_or_path=repo_id, **card_facts)
-        return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message).commit_url
+        return upload_folder(folder, repo_id, private=private, commit_message=commit_message)
+
+
+def upload_folder(folder, repo_id: str, *, private: bool, commit_message: str) -> str:
+    """Create `repo_id` if it is missing and upload `folder` to it in one commit; returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message).commit_url

@@ -26,8 +26,8 @@ class LongLoraSFTTrainer(trl.SFTTrainer):
         from ..hub.card import write_model_card
         from ..tuner import LongLoraConfig
 
-        config = next((c for c in (getattr(self.model, "peft_config", {}) or {}).values() if isinstance(c, LongLoraConfig)), None)
-        if config is None:  # not a LongLoRA model: TRL's card
+        config = getattr(self.model, "active_peft_config", None)
+        if not isinstance(config, LongLoraConfig):  # not a LongLoRA model: TRL's card
             return super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags, **kwargs)
         if not self.is_world_process_zero():
             return None
