@@ -76,6 +76,8 @@ PUSH_ADAPTER = """
         save_file({{"ids": ids, "logits": model(ids).logits}}, "{out}")
     push_adapter_to_hub(model, "{repo}")
     model.push_to_hub("{peft_repo}")  # PEFT's own way, too
+    push_adapter_to_hub(model, "{peft_repo}-after-card")
+    model.push_to_hub("{peft_repo}-after-card", commit_message="a later push")
 """
 
 PULL_ADAPTER = """
@@ -152,6 +154,14 @@ def test_peft_push_to_hub_uploads_the_adapter_but_transformers_writes_its_generi
     assert load(files["adapter_model.safetensors"]).keys() == load(hub.files(ADAPTER)["adapter_model.safetensors"]).keys()
     card = ModelCard(files["README.md"].decode())
     assert "longlora" not in (card.data.tags or []) and "| Target context |" not in card.text
+
+
+def test_a_later_peft_push_to_hub_keeps_the_longlora_card_already_on_the_hub(hub, pushed):
+    """transformers reuses a repo's card on later pushes, so a card published once stays."""
+    repo = f"{PEFT_PUSHED}-after-card"
+    assert [c.message for c in hub.state.repos[repo].commits][-1] == "a later push"
+    card = ModelCard(hub.files(repo)["README.md"].decode())
+    assert "longlora" in card.data.tags and "| Target context | 1024 tokens |" in card.text
 
 
 @pytest.mark.parametrize("repo", [ADAPTER, PEFT_PUSHED])
@@ -245,7 +255,43 @@ def test_sft_push_to_hub_publishes_the_trained_adapter_with_its_training_in_the_
     logits = load_file(pulled)
     torch.testing.assert_close(logits["hub"], logits["local"], atol=0, rtol=0)
     assert_token_absent(files, out)
-    assert TOKEN not in result.stdout + result.stderr
+    assert TOKEN not in result.stdout + result.stderr and CARD_WARNING not in result.stderr
+
+
+PLAIN_SFT_PUSH = """
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+    from longlora_hf import LongLoraConfig
+    from longlora_hf.training import LongLoraCallback
+
+    rows = torch.randint(4, 4096, (2, 128), generator=torch.Generator().manual_seed(0)).tolist()
+    arguments = SFTConfig(output_dir="{out}", max_length=128, per_device_train_batch_size=1, max_steps=1, bf16=False,
+                          report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, hub_model_id="{repo}")
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained("{base}"), args=arguments,
+                         train_dataset=Dataset.from_dict({{"input_ids": rows}}),
+                         processing_class=AutoTokenizer.from_pretrained("{base}"),
+                         peft_config=LongLoraConfig(target_context_length=1024), callbacks=[LongLoraCallback()])
+    trainer.train()
+    trainer.push_to_hub()
+"""
+CARD_WARNING = "LongLoRA: this push publishes the trainer's own model card, not the LongLoRA card"
+
+
+@pytest.mark.distributed  # a real training run, in a subprocess
+def test_a_plain_sft_trainer_push_publishes_trls_card_and_the_callback_says_how_to_publish_ours(hub, pushed, tmp_path):
+    """TRL writes its card between saving the adapter and uploading, out of a callback's reach: the adapter is
+    published, the card is TRL's, and `LongLoraCallback` says so once, naming both ways to the LongLoRA card."""
+    repo = "alice/tiny-plain-sft"
+    result = succeeded(hub_python(hub, tmp_path / "home", PLAIN_SFT_PUSH.format(out=tmp_path / "run", repo=repo, base=BASE)))
+    assert result.stderr.count(CARD_WARNING) == 1
+    assert "LongLoraSFTTrainer in place of SFTTrainer" in result.stderr and "push_adapter_to_hub(trainer.model" in result.stderr
+    files = hub.files(repo)
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(files)
+    assert json.loads(files["adapter_config.json"])["peft_type"] == "LONGLORA"
+    card = ModelCard(files["README.md"].decode())
+    assert "trl" in card.data.tags and "longlora" not in card.data.tags and "| Target context |" not in card.text
 
 
 def test_the_loopback_hub_refuses_what_the_hub_refuses(hub, tmp_path):

@@ -68,6 +68,8 @@ class LongLoraCallback(TrainerCallback):
         self.require_s2 = require_s2
         self.max_length = max_length
         self.report: LongLoraReport | None = None
+        self.trainer_writes_card = False  # set by LongLoraSFTTrainer, whose pushes carry the LongLoRA card
+        self._said_card = False
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -102,3 +104,20 @@ class LongLoraCallback(TrainerCallback):
         self.report = LongLoraReport(runs_s2, max_length, group_size, groups, context, factor, _trainable_by_kind(model))
         if state.is_world_process_zero:
             logger.warning(str(self.report))
+
+    def on_push_begin(self, args, state, control, model=None, **kwargs):
+        """A push from a plain `Trainer`/`SFTTrainer` publishes that trainer's card (written after the adapter is
+        saved, out of a callback's reach): say so, once, and how to publish the LongLoRA card instead."""
+        from ..tuner import LongLoraConfig
+
+        if self.trainer_writes_card or self._said_card or not state.is_world_process_zero:
+            return
+        if not isinstance(getattr(model, "active_peft_config", None), LongLoraConfig):
+            return
+        self._said_card = True
+        logger.warning(
+            "LongLoRA: this push publishes the trainer's own model card, not the LongLoRA card (context, position "
+            "interpolation, S2-Attn group size, trainable parts). For the LongLoRA card use "
+            "longlora_hf.training.LongLoraSFTTrainer in place of SFTTrainer (same arguments), or publish after "
+            "training with longlora_hf.hub.push_adapter_to_hub(trainer.model, repo_id)."
+        )

@@ -21,6 +21,9 @@ class LongLoraSFTTrainer(trl.SFTTrainer):
         if not any(isinstance(c, LongLoraCallback) or c is LongLoraCallback for c in callbacks):
             callbacks.append(LongLoraCallback())
         super().__init__(*args, callbacks=callbacks, **kwargs)
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, LongLoraCallback):
+                callback.trainer_writes_card = True
 
     def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, tags=None, **kwargs):
         from ..hub.card import write_model_card
