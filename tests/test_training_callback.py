@@ -115,3 +115,21 @@ def test_the_longlora_sft_trainer_has_the_callback_exactly_once(tmp_path, tiny_t
         processing_class=tiny_tokenizer, peft_config=LongLoraConfig(), callbacks=given,
     )
     assert sum(isinstance(c, LongLoraCallback) for c in trainer.callback_handler.callbacks) == 1
+
+
+@pytest.mark.parametrize(
+    "peft_config, main_process, warns",
+    [(LongLoraConfig(), True, True), (LongLoraConfig(), False, False), (LoraConfig(r=4, target_modules=["q_proj"]), True, False)],
+    ids=["longlora-main-process", "longlora-other-process", "plain-lora"],
+)
+def test_a_plain_trainers_push_of_a_longlora_adapter_says_once_how_to_publish_the_longlora_card(
+    tmp_path, tiny_tokenizer, caplog, peft_config, main_process, warns
+):
+    """`Trainer.push_to_hub` and checkpoint pushes start with `on_push_begin`; the card they publish is the trainer's."""
+    trainer = sft_trainer(tmp_path, tiny_tokenizer, peft_config, LongLoraCallback())
+    trainer.state.is_world_process_zero = main_process
+    with caplog.at_level(logging.WARNING, logger="longlora_hf.training.callback"):
+        for _ in range(2):
+            trainer.callback_handler.on_push_begin(trainer.args, trainer.state, trainer.control)
+    said = [r.getMessage() for r in caplog.records if "this push publishes the trainer's own model card" in r.getMessage()]
+    assert len(said) == (1 if warns else 0)
