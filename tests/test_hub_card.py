@@ -3,13 +3,15 @@ where it is written without anyone asking (every adapter save) and where it is n
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from conftest import tiny_model
 from huggingface_hub import ModelCard
-from peft import get_peft_model
+from peft import LoraConfig, get_peft_model
 
 from longlora_hf import LongLoraConfig
-from longlora_hf.hub import render_model_card, write_model_card
+from longlora_hf.hub import push_adapter_to_hub, render_model_card, write_model_card
 
 
 def trained_config(**overrides) -> LongLoraConfig:
@@ -75,3 +77,14 @@ def test_a_card_someone_wrote_is_kept(tmp_path):
 def test_no_credential_reaches_the_card(monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_cardSecret123")
     assert "hf_cardSecret123" not in render_model_card(trained_config(), base_model="org/base", repo_or_path="me/a")
+
+
+@pytest.mark.parametrize(
+    "make, named",
+    [(lambda: get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules=["q_proj"])), "a LoraConfig"),
+     (lambda: tiny_model("llama"), "missing (LlamaForCausalLM is not a PEFT model)")],
+    ids=["plain-lora", "no-adapter"],
+)
+def test_push_adapter_to_hub_refuses_a_model_without_a_longlora_adapter_before_any_request(make, named):
+    with pytest.raises(ValueError, match=re.escape(f"this model's adapter is {named}. Use model.push_to_hub(repo_id)")):
+        push_adapter_to_hub(make(), "alice/never-pushed")  # HF_HUB_OFFLINE=1: a request would fail differently

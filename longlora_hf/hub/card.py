@@ -2,9 +2,10 @@
 
 `render_model_card` fills the template; `write_model_card` puts it in a save directory. Adapters get
 their card without anyone asking: `LongLoraConfig.save_pretrained` (called by every
-`PeftModel.save_pretrained`, so by `push_to_hub`, `trainer.save_model` and checkpoints) replaces the
-generic card PEFT writes, and `LongLoraSFTTrainer.create_model_card` (what `trainer.push_to_hub()`
-calls) adds what the trainer knows: data, steps and evaluation.
+`PeftModel.save_pretrained`, so by `trainer.save_model` and checkpoints) replaces the generic card PEFT
+writes, and `LongLoraSFTTrainer.create_model_card` (what `trainer.push_to_hub()` calls) adds what the
+trainer knows: data, steps and evaluation. `peft_model.push_to_hub` writes transformers' card over it
+(README, "Known limits"); `longlora_hf.hub.push_adapter_to_hub` publishes this one.
 """
 
 from __future__ import annotations
@@ -105,8 +106,8 @@ def render_model_card(
         if on
     ]
     factor = config.position_interpolation_factor
-    target_modules = config.target_modules
-    target_modules = ", ".join(sorted(target_modules)) if isinstance(target_modules, (set, list, tuple)) else str(target_modules)
+    modules = config.target_modules
+    target_modules = ", ".join(sorted(modules)) if isinstance(modules, (set, list, tuple)) else str(modules)
     kind = "A model merged from a LongLoRA adapter" if merged else "A LongLoRA adapter"
     template = files("longlora_hf.model_cards").joinpath(TEMPLATE).read_text()
     return template.format(

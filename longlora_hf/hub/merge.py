@@ -14,12 +14,12 @@ def merge_adapter(base: str, adapter: str, out: str | Path, push_to_hub: str | N
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..tuner import LongLoraConfig
+    from ..tuner import longlora_config_of
     from .card import write_model_card
 
     model = AutoModelForCausalLM.from_pretrained(base, use_safetensors=True)
     peft_model = PeftModel.from_pretrained(model, adapter)
-    config = peft_model.peft_config["default"]
+    config = longlora_config_of(peft_model)
     merged = peft_model.merge_and_unload()
     out = Path(out)
     merged.save_pretrained(out, safe_serialization=True)
@@ -29,7 +29,7 @@ def merge_adapter(base: str, adapter: str, out: str | Path, push_to_hub: str | N
             break
         except (OSError, ValueError):
             continue
-    if isinstance(config, LongLoraConfig):
+    if config is not None:
         write_model_card(out, config, overwrite=True, base_model=base, repo_or_path=push_to_hub or str(out), merged=True,
                          training_data=f"see the adapter, {adapter}")
     if push_to_hub:

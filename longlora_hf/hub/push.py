@@ -14,12 +14,14 @@ def push_adapter_to_hub(model, repo_id: str, *, private: bool = False, commit_me
     Use this rather than `model.push_to_hub(repo_id)` when you want the LongLoRA card: transformers'
     `push_to_hub` (which PEFT models inherit) replaces the saved README with a generic card on a repo's
     first push. The token is the one `huggingface_hub` finds (`HF_TOKEN` or `hf auth login`)."""
-    from ..tuner import LongLoraConfig
+    from ..tuner import longlora_config_of
     from .card import write_model_card
 
-    config = model.active_peft_config
-    if not isinstance(config, LongLoraConfig):
-        raise ValueError(f"push_adapter_to_hub publishes LongLoRA adapters; this model's adapter is a {type(config).__name__}. "
+    config = longlora_config_of(model)
+    if config is None:
+        found = getattr(model, "active_peft_config", None)
+        adapter = f"a {type(found).__name__}" if found is not None else f"missing ({type(model).__name__} is not a PEFT model)"
+        raise ValueError(f"push_adapter_to_hub publishes LongLoRA adapters; this model's adapter is {adapter}. "
                          "Use model.push_to_hub(repo_id) for it.")
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder, safe_serialization=True)

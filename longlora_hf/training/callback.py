@@ -108,11 +108,9 @@ class LongLoraCallback(TrainerCallback):
     def on_push_begin(self, args, state, control, model=None, **kwargs):
         """A push from a plain `Trainer`/`SFTTrainer` publishes that trainer's card (written after the adapter is
         saved, out of a callback's reach): say so, once, and how to publish the LongLoRA card instead."""
-        from ..tuner import LongLoraConfig
+        from ..tuner import longlora_config_of
 
-        if self.trainer_writes_card or self._said_card or not state.is_world_process_zero:
-            return
-        if not isinstance(getattr(model, "active_peft_config", None), LongLoraConfig):
+        if self.trainer_writes_card or self._said_card or not state.is_world_process_zero or longlora_config_of(model) is None:
             return
         self._said_card = True
         logger.warning(

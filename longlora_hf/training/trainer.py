@@ -27,10 +27,10 @@ class LongLoraSFTTrainer(trl.SFTTrainer):
 
     def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, tags=None, **kwargs):
         from ..hub.card import write_model_card
-        from ..tuner import LongLoraConfig
+        from ..tuner import longlora_config_of
 
-        config = getattr(self.model, "active_peft_config", None)
-        if not isinstance(config, LongLoraConfig):  # not a LongLoRA model: TRL's card
+        config = longlora_config_of(self.model)
+        if config is None:  # not a LongLoRA model: TRL's card
             return super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags, **kwargs)
         if not self.is_world_process_zero():
             return None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from peft.utils import PeftType, register_peft_method
 
-from .config import PEFT_TYPE, LongLoraConfig
+from .config import PEFT_TYPE, LongLoraConfig, longlora_config_of
 from .export import save_as_plain_lora
 from .model import LongLoraModel, prepare_model_for_longlora
 from .position_interpolation import PositionInterpolation, apply_position_interpolation, plan_position_interpolation
@@ -14,6 +14,7 @@ __all__ = [
     "LongLoraModel",
     "PositionInterpolation",
     "apply_position_interpolation",
+    "longlora_config_of",
     "plan_position_interpolation",
     "prepare_model_for_longlora",
     "register_tuner",

@@ -107,3 +107,10 @@ class LongLoraConfig(LoraConfig):
 
     def s2_attention_settings(self) -> S2AttentionSettings:
         return S2AttentionSettings(group_size_ratio=self.group_size_ratio, group_size=self.group_size)
+
+
+def longlora_config_of(model) -> LongLoraConfig | None:
+    """The `LongLoraConfig` of `model`'s active adapter, or None when `model` is not a PEFT model with an
+    active LongLoRA adapter."""
+    config = getattr(model, "active_peft_config", None)
+    return config if isinstance(config, LongLoraConfig) else None
