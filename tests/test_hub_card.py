@@ -12,6 +12,7 @@ from peft import LoraConfig, get_peft_model
 
 from longlora_hf import LongLoraConfig
 from longlora_hf.hub import push_adapter_to_hub, render_model_card, write_model_card
+from longlora_hf.hub.card import GENERATED_MARK
 
 
 def trained_config(**overrides) -> LongLoraConfig:
@@ -88,3 +89,15 @@ def test_no_credential_reaches_the_card(monkeypatch):
 def test_push_adapter_to_hub_refuses_a_model_without_a_longlora_adapter_before_any_request(make, named):
     with pytest.raises(ValueError, match=re.escape(f"this model's adapter is {named}. Use model.push_to_hub(repo_id)")):
         push_adapter_to_hub(make(), "alice/never-pushed")  # HF_HUB_OFFLINE=1: a request would fail differently
+
+
+def test_a_card_this_package_wrote_is_rewritten_on_the_next_save_until_its_mark_is_deleted(tmp_path):
+    model = get_peft_model(tiny_model("llama"), LongLoraConfig(target_context_length=512))
+    model.save_pretrained(tmp_path)
+    readme = tmp_path / "README.md"
+    assert readme.read_text().count(GENERATED_MARK) == 1
+    write_model_card(tmp_path, model.peft_config["default"], training_steps=7)
+    assert "| Training steps | 7 |" in readme.read_text()  # a later save with more facts updates it
+    readme.write_text(readme.read_text().replace(GENERATED_MARK, "") + "\nMy notes.\n")
+    model.save_pretrained(tmp_path)
+    assert "My notes." in readme.read_text() and "| Training steps | 7 |" in readme.read_text()

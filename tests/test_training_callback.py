@@ -133,3 +133,27 @@ def test_a_plain_trainers_push_of_a_longlora_adapter_says_once_how_to_publish_th
             trainer.callback_handler.on_push_begin(trainer.args, trainer.state, trainer.control)
     said = [r.getMessage() for r in caplog.records if "this push publishes the trainer's own model card" in r.getMessage()]
     assert len(said) == (1 if warns else 0)
+
+
+def test_every_directory_the_longlora_sft_trainer_saves_has_the_card_with_its_training(tmp_path, tiny_tokenizer):
+    rows = torch.randint(4, 128, (4, 64), generator=torch.Generator().manual_seed(0)).tolist()
+    arguments = SFTConfig(
+        output_dir=str(tmp_path / "run"), max_length=64, per_device_train_batch_size=1, max_steps=2, learning_rate=1e-3,
+        save_strategy="steps", save_steps=1, report_to=[], use_cpu=True, disable_tqdm=True, bf16=False,
+    )
+    trainer = LongLoraSFTTrainer(
+        model=tiny_model("llama"), args=arguments, train_dataset=Dataset.from_dict({"input_ids": rows}),
+        processing_class=tiny_tokenizer, peft_config=LongLoraConfig(target_context_length=256),
+    )
+    trainer.train()
+    trainer.save_model()
+    for directory, steps in ((tmp_path / "run" / "checkpoint-1", 1), (tmp_path / "run" / "checkpoint-2", 2), (tmp_path / "run", 2)):
+        card = ModelCard.load(directory / "README.md")
+        assert f"| Training steps | {steps} (per-device batch 1, gradient accumulation 1" in card.text, directory
+        assert "| Training data | 4 training rows (source not recorded) |" in card.text and "longlora" in card.data.tags
+    # a card someone wrote (the mark line deleted) is kept by later saves
+    own = tmp_path / "mine"
+    own.mkdir()
+    (own / "README.md").write_text("---\nlicense: mit\n---\n# My adapter\n\nHand-written.\n")
+    trainer.save_model(str(own))
+    assert "Hand-written." in (own / "README.md").read_text() and (own / "adapter_model.safetensors").exists()

@@ -20,6 +20,8 @@ NOT_RECORDED = "not recorded"
 # PEFT writes huggingface_hub's default card when a directory has none; its first heading tells it apart
 # from a card someone wrote, which is left alone.
 GENERIC_CARD_HEADING = "# Model Card for Model ID"
+# The first line of every card this module writes: a card that still has it is rewritten on the next save.
+GENERATED_MARK = "<!-- Written by longlora_hf on each save; delete this line to keep your edits. -->"
 HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -112,6 +114,7 @@ def render_model_card(
     template = files("longlora_hf.model_cards").joinpath(TEMPLATE).read_text()
     return template.format(
         metadata=metadata.strip(),
+        generated_mark=GENERATED_MARK,
         title=title or f"{kind}: {base_model or 'base model'} extended to {config.target_context_length or NOT_RECORDED} tokens",
         summary=(
             f"{kind} (Chen et al., ICLR 2024) for {base_model or 'its base model'}: trained with shifted sparse\n"
@@ -135,20 +138,22 @@ def render_model_card(
     )
 
 
-def is_generic_card(path: Path) -> bool:
-    """True when `path` is missing or holds the generic card PEFT writes (not one someone wrote)."""
+def is_replaceable_card(path: Path) -> bool:
+    """True when `path` is missing, holds the generic card PEFT writes, or holds a card this module wrote
+    (its mark still there); False for a card someone wrote."""
     if not path.exists():
         return True
     from huggingface_hub import ModelCard
 
-    return ModelCard.load(path).text.lstrip().startswith(GENERIC_CARD_HEADING)
+    text = ModelCard.load(path).text.lstrip()
+    return text.startswith(GENERIC_CARD_HEADING) or GENERATED_MARK in text
 
 
 def write_model_card(save_directory: str | Path, config, *, overwrite: bool = False, **facts) -> Path | None:
     """Write the LongLoRA card as `save_directory/README.md` unless a card someone wrote is already there
     (`overwrite=True` replaces it). Returns the path written, or None when a card was kept."""
     path = Path(save_directory) / "README.md"
-    if not overwrite and not is_generic_card(path):
+    if not overwrite and not is_replaceable_card(path):
         return None
     path.write_text(render_model_card(config, **facts), encoding="utf-8")
     return path

@@ -7,14 +7,17 @@ import os
 
 import trl
 
+from ..hub.card import write_model_card
+from ..tuner import longlora_config_of
 from .callback import LongLoraCallback
 
 
 class LongLoraSFTTrainer(trl.SFTTrainer):
-    """`trl.SFTTrainer`, plus two things: `LongLoraCallback` is added when the callbacks lack one, and
-    `create_model_card` (what `trainer.push_to_hub()` calls) writes the LongLoRA card from
-    `model_cards/` with what the trainer knows (data, steps, evaluation) instead of TRL's generic card.
-    Everything else, arguments included, is `SFTTrainer`'s."""
+    """`trl.SFTTrainer`, plus two things: `LongLoraCallback` is added when the callbacks lack one, and the
+    LongLoRA card from `model_cards/` states what the trainer knows (data, steps, last evaluation): in
+    every directory `save_model` writes (checkpoints included; a card someone wrote is kept), and from
+    `create_model_card` (what `trainer.push_to_hub()` calls) instead of TRL's card. Everything else,
+    arguments included, is `SFTTrainer`'s."""
 
     def __init__(self, *args, callbacks=None, **kwargs):
         callbacks = list(callbacks or [])
@@ -25,14 +28,21 @@ class LongLoraSFTTrainer(trl.SFTTrainer):
             if isinstance(callback, LongLoraCallback):
                 callback.trainer_writes_card = True
 
-    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, tags=None, **kwargs):
-        from ..hub.card import write_model_card
-        from ..tuner import longlora_config_of
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """`SFTTrainer.save_model` (checkpoints too), then the LongLoRA card with what the trainer knows so far
+        in the saved directory, unless a card someone wrote is there."""
+        super().save_model(output_dir, _internal_call=_internal_call)
+        self._write_card(output_dir or self.args.output_dir, overwrite=False)
 
-        config = longlora_config_of(self.model)
-        if config is None:  # not a LongLoRA model: TRL's card
+    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, tags=None, **kwargs):
+        if longlora_config_of(self.model) is None:  # not a LongLoRA model: TRL's card
             return super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags, **kwargs)
-        if not self.is_world_process_zero():
+        return self._write_card(self.args.output_dir, overwrite=True, model_name=model_name, dataset_name=dataset_name, tags=tags)
+
+    def _write_card(self, directory: str, *, overwrite: bool, model_name=None, dataset_name=None, tags=None):
+        """The LongLoRA card in `directory`, from the main process, with the data, steps and last evaluation."""
+        config = longlora_config_of(self.model)
+        if config is None or not self.is_world_process_zero():
             return None
         args = self.args
         rows = len(self.train_dataset) if self.train_dataset is not None and hasattr(self.train_dataset, "__len__") else None
@@ -56,6 +66,6 @@ class LongLoraSFTTrainer(trl.SFTTrainer):
         extra_tags += [*(getattr(self.model, "model_tags", None) or []), *self._tag_names]
         repo = self.hub_model_id or model_name
         return write_model_card(
-            args.output_dir, config, overwrite=True, repo_or_path=repo or os.path.basename(os.path.abspath(args.output_dir)),
+            directory, config, overwrite=overwrite, repo_or_path=repo or os.path.basename(os.path.abspath(args.output_dir)),
             training_data=data, training_steps=steps, evaluation=evaluation, tags=extra_tags,
         )
