@@ -13,7 +13,8 @@ import pytest
 import torch
 import transformers
 from conftest import shadow_longlora_hf, tiny_model
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
 
 from longlora_hf import LongLoraConfig
 from longlora_hf.cli import main as cli_main
@@ -31,32 +32,52 @@ def perturb(model):
                 parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
 
 
-def write_reference_checkpoint(tmp_path):
-    """A checkpoint in the reference layout: a LoRA adapter (.bin) plus trainable_params.bin of embeddings and norms."""
+# The LoRA targets the reference code (dvlab-research/LongLoRA, fine-tune.py) puts on each architecture.
+REFERENCE_TARGETS = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj"], "gpt-neox": ["query_key_value", "dense"]}
+# Parameter names the reference's transformers (4.34) used where today's differ: GPT-NeoX's output head was
+# `embed_out` (so the reference trained it: its name contains "embed"), today it is `lm_head`.
+TRANSFORMERS_4_NAMES = {"gpt-neox": {"base_model.model.lm_head.": "base_model.model.embed_out."}}
+
+
+def write_reference_checkpoint(tmp_path, architecture="llama", **overrides):
+    """A checkpoint in the reference layout: a LoRA adapter (.bin) plus trainable_params.bin, the parameters
+    whose names (transformers 4.34 names) contain "embed" or "norm", as the reference writes it. The base is
+    loaded from a directory, so the adapter records it as `base_model_name_or_path`, as the reference's does.
+    Returns the base, the checkpoint, and the trainable tensors under today's names."""
     base_dir = tmp_path / "base"
-    tiny_model("llama").save_pretrained(base_dir)
-    model = get_peft_model(tiny_model("llama"), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    tiny_model(architecture, **overrides).save_pretrained(base_dir)
+    base = transformers.AutoModelForCausalLM.from_pretrained(base_dir)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=REFERENCE_TARGETS[architecture]))
     perturb(model)
     checkpoint = tmp_path / "reference"
     model.save_pretrained(checkpoint, safe_serialization=False)
+    old_names = TRANSFORMERS_4_NAMES.get(architecture, {})
+
+    def reference_name(name):
+        return next((old + name.removeprefix(new) for new, old in old_names.items() if name.startswith(new)), name)
+
     generator = torch.Generator().manual_seed(3)
-    trainable = {
-        f"base_model.model.{name}": value + 0.05 * torch.randn(value.shape, generator=generator)
-        for name, value in tiny_model("llama").state_dict().items()
-        if "embed" in name or "norm" in name
+    trainable = {  # named_parameters: a tied weight appears once, under the input embedding's name
+        name: value.detach() + 0.05 * torch.randn(value.shape, generator=generator)
+        for name, value in model.named_parameters()
+        if "embed" in reference_name(name) or "norm" in reference_name(name)
     }
-    torch.save(trainable, checkpoint / "trainable_params.bin")
+    torch.save({reference_name(name): value for name, value in trainable.items()}, checkpoint / "trainable_params.bin")
     return base_dir, checkpoint, trainable
 
 
 def reference_way_logits(base_dir, checkpoint, trainable, context):
     """The reference code's loading: RoPE scaled for the context, trainable_params into the base, then the adapter."""
     config = transformers.AutoConfig.from_pretrained(base_dir)
-    config.rope_parameters = {"rope_type": "linear", "factor": float(-(-context // config.max_position_embeddings)), "rope_theta": 10000.0}
+    config.rope_parameters = {**config.rope_parameters, "rope_type": "linear", "factor": float(-(-context // config.max_position_embeddings))}
     base = transformers.AutoModelForCausalLM.from_pretrained(base_dir, config=config)
     missing, unexpected = base.load_state_dict({k.removeprefix("base_model.model."): v for k, v in trainable.items()}, strict=False)
     assert not unexpected
     return PeftModel.from_pretrained(base, checkpoint).eval()(ids()).logits
+
+
+def convert(checkpoint, out, *args):
+    return cli_main(["convert-reference", "--checkpoint", str(checkpoint), "--out", str(out), *map(str, args)])
 
 
 def test_a_converted_reference_checkpoint_gives_the_reference_logits(tmp_path):
@@ -146,3 +167,79 @@ def test_with_base_every_tensor_is_checked_against_the_base_model(tmp_path, caps
     assert cli_main([*args, str(other)]) == 2
     assert re.search(r"embed_tokens.weight has shape \(128, 32\); .*other_base has \(64, 32\)", capsys.readouterr().err)
     assert cli_main([*args, str(base_dir)]) == 0
+
+
+def test_a_tied_embedding_checkpoint_loads_with_every_peft_loader_and_merges(tmp_path):
+    # The reference trains the input embedding, which the output head shares: loading trainable_params.bin
+    # into the base changes both.
+    base_dir, checkpoint, trainable = write_reference_checkpoint(tmp_path, "llama", tie_word_embeddings=True)
+    assert "base_model.model.model.embed_tokens.weight" in trainable and not any("lm_head" in name for name in trainable)
+    out = tmp_path / "converted"
+    assert convert(checkpoint, out, "--target-context-length", 1024) == 0
+    expected = reference_way_logits(base_dir, checkpoint, trainable, 1024)
+
+    def base():
+        return transformers.AutoModelForCausalLM.from_pretrained(base_dir)
+
+    peft_model = PeftModel.from_pretrained(base(), out).eval()
+    auto = AutoPeftModelForCausalLM.from_pretrained(out).eval()  # the base is the one the checkpoint records
+    with_adapter = base()
+    with_adapter.load_adapter(str(out))
+    for model in (peft_model, auto, with_adapter.eval()):
+        torch.testing.assert_close(model(ids()).logits, expected, atol=1e-5, rtol=0)
+
+    assert cli_main(["merge", "--base", str(base_dir), "--adapter", str(out), "--out", str(tmp_path / "merged")]) == 0
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert merged.config.tie_word_embeddings
+    torch.testing.assert_close(merged(ids()).logits, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("with_base", [True, False], ids=["--base", "recorded-base"])
+def test_reference_gpt_neox_names_map_to_todays_with_the_output_head_kept(tmp_path, with_base):
+    base_dir, checkpoint, trainable = write_reference_checkpoint(tmp_path, "gpt-neox")
+    written = torch.load(checkpoint / "trainable_params.bin", weights_only=True)
+    assert {"base_model.model.embed_out.weight", "base_model.model.gpt_neox.embed_in.weight",
+            "base_model.model.gpt_neox.final_layer_norm.bias", "base_model.model.gpt_neox.layers.1.input_layernorm.bias"} <= set(written)
+    out = tmp_path / "converted"
+    assert convert(checkpoint, out, "--target-context-length", 1024, *(["--base", base_dir] if with_base else [])) == 0
+    saved = load_file(out / "adapter_model.safetensors")
+    torch.testing.assert_close(saved["base_model.model.lm_head.weight"], trainable["base_model.model.lm_head.weight"])
+    assert not any("embed_out" in name for name in saved)
+    expected = reference_way_logits(base_dir, checkpoint, trainable, 1024)
+    converted = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base_dir), out).eval()
+    torch.testing.assert_close(converted(ids()).logits, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "architecture,file,name,message",
+    [
+        ("llama", "trainable_params.bin", "base_model.model.model.layers.0.extra_layernorm.weight", "is not a weight of"),
+        ("llama", "trainable_params.bin", "base_model.model.embed_out.weight", "is not a weight of"),  # GPT-NeoX's name only
+        ("gpt-neox", "trainable_params.bin", "base_model.model.gpt_neox.embed_out.weight", "is not a weight of"),
+        ("llama", "adapter_model.bin", "base_model.model.model.layers.0.self_attn.qkv_proj.lora_A.weight", "is not a module of"),
+    ],
+    ids=["unknown-norm", "embed_out-outside-gpt-neox", "embed_out-misplaced", "lora-on-a-missing-module"],
+)
+def test_a_tensor_that_maps_to_nothing_is_refused_by_name(tmp_path, capsys, architecture, file, name, message):
+    base_dir, checkpoint, _ = write_reference_checkpoint(tmp_path, architecture)
+    tensors = torch.load(checkpoint / file, weights_only=True)
+    width = 32 if file == "trainable_params.bin" and "norm" in name else None
+    tensors[name] = torch.ones(width) if width else (torch.ones(8, 32) if "lora_A" in name else torch.ones(128, 32))
+    torch.save(tensors, checkpoint / file)
+    for args in ([], ["--base", base_dir]):
+        assert convert(checkpoint, tmp_path / "x", *args) == 2
+        error = capsys.readouterr().err
+        assert name in error and message in error, error
+        assert not (tmp_path / "x").exists()
+
+
+def test_without_a_readable_base_config_the_conversion_is_refused_with_the_fix(tmp_path, capsys):
+    # Whether the output head shares the trained input embedding, and which names exist, is the base's to say.
+    _, checkpoint, _ = write_reference_checkpoint(tmp_path, "llama", tie_word_embeddings=True)
+    config = json.loads((checkpoint / "adapter_config.json").read_text())
+    (checkpoint / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(tmp_path / "gone")}))
+    assert convert(checkpoint, tmp_path / "x") == 2
+    error = capsys.readouterr().err
+    assert "gone" in error and "--base" in error, error
+    assert not (tmp_path / "x").exists()
+    assert convert(checkpoint, tmp_path / "x", "--base", tmp_path / "base") == 0

@@ -3,7 +3,8 @@
 The reference layout is a PEFT LoRA adapter directory plus `trainable_params.bin`, a pickled state dict
 of the embedding and normalization weights, which the reference code loads into the base model before
 the adapter. Here both become one LongLoRA adapter: LoRA as is, embeddings and norms as
-`modules_to_save`, the target context recorded so loading restores the position interpolation.
+`modules_to_save` under today's transformers names, the target context recorded so loading restores the
+position interpolation. The base model's config decides the names, the shapes and the tied weights.
 """
 
 from __future__ import annotations
@@ -15,10 +16,16 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from ..tuner import LongLoraConfig
 
 PREFIX = "base_model.model."
+
+# Weights the reference code's transformers (4.34) named otherwise than today's, per base model type: old
+# name prefix -> today's. GPT-NeoX's output head was `embed_out` (the reference trained it: its name contains
+# "embed"); it is `lm_head` now (transformers renames it the same way when it loads an old checkpoint).
+RENAMED_SINCE_REFERENCE = {"gpt_neox": {"embed_out.": "lm_head."}}
 
 
 def _load_pickle_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -41,10 +48,9 @@ def _load_adapter_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"{adapter_dir} has no adapter_model.safetensors or adapter_model.bin.")
 
 
-def _check_shapes(weights: dict[str, torch.Tensor], trainable: dict[str, torch.Tensor], rank: int, base: str | None) -> None:
+def _check_shapes(weights: dict[str, torch.Tensor], trainable: dict[str, torch.Tensor], rank: int) -> None:
     """Refuse tensors whose shapes cannot be what they claim: LoRA factors of another rank, embeddings that
-    are not matrices, norms that are not vectors of the embedding width; with `base`, any tensor whose
-    name or shape is not the base model's."""
+    are not matrices, norms that are not vectors of the embedding width."""
     for name, tensor in weights.items():
         if ".lora_A." in name and (tensor.dim() != 2 or tensor.shape[0] != rank):
             raise ValueError(f"adapter weight {name} has shape {tuple(tensor.shape)}; lora_A of rank r={rank} (adapter_config.json) is (r, in_features).")
@@ -61,28 +67,119 @@ def _check_shapes(weights: dict[str, torch.Tensor], trainable: dict[str, torch.T
                 f"trainable_params.bin: {name} has shape {tuple(tensor.shape)}; a norm weight is a vector of the hidden size "
                 f"{sorted(widths) or '(unknown)'}."
             )
-    if base is None:
-        return
-    from accelerate import init_empty_weights
+
+
+def _base_skeleton(base: str | None, recorded: str | None, config_path: Path) -> tuple[nn.Module, str]:
+    """The base model built from its config on the meta device (no weights are read or allocated), and
+    how to name it in messages. `base` (--base) wins over `recorded` (the adapter's base_model_name_or_path)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base))
-    expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    source = base or recorded
+    if not source:
+        raise ValueError(
+            f"{config_path} records no base_model_name_or_path, and the base model's config is needed to map "
+            "the checkpoint's names to today's, check every tensor against them and find the weights the base "
+            "ties to the input embedding. Pass --base with the base model's path or id (only its config is read)."
+        )
+    try:
+        config = AutoConfig.from_pretrained(source)
+        with torch.device("meta"):  # on the meta device transformers still ties the weights the config ties
+            model = AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError, KeyError) as error:
+        if base:
+            raise ValueError(f"cannot read the config of the base model --base {base}: {error}") from error
+        raise ValueError(
+            f"{config_path} records the base model as {recorded!r}, whose config cannot be read here ({error}). "
+            "The base's config is needed to map the checkpoint's names to today's, check every tensor against "
+            "them and find the weights the base ties to the input embedding: pass --base with the base model's "
+            "path or id (only its config is read)."
+        ) from error
+    return model, source
+
+
+def _todays_name(name: str, model_type: str, parameters: dict[str, nn.Parameter]) -> str | None:
+    """`name` (without PREFIX) as the base names that weight today, or None when it names none of its weights."""
+    if name in parameters:
+        return name
+    for old, new in RENAMED_SINCE_REFERENCE.get(model_type, {}).items():
+        if name.startswith(old) and new + name[len(old):] in parameters:
+            return new + name[len(old):]
+    return None
+
+
+def _check_lora_against_base(weights: dict[str, torch.Tensor], model: nn.Module, where: str) -> None:
+    """Every adapter tensor is a LoRA factor (lora_A/lora_B) of a module of the base, of that module's width."""
+    modules = dict(model.named_modules())
+    for name, tensor in weights.items():
+        module_name, factor, rest = name.removeprefix(PREFIX).rpartition(".")[0].rpartition(".lora_")
+        if not factor or rest not in ("A", "B"):
+            raise ValueError(
+                f"adapter weight {name} is not a LoRA factor (<module>.lora_A/lora_B.weight): the converter carries "
+                "only those (embeddings and norms come from trainable_params.bin) and would drop it. Is this a "
+                "reference LongLoRA checkpoint?"
+            )
+        if module_name not in modules:
+            raise ValueError(
+                f"adapter weight {name} belongs to {module_name}, which is not a module of {where}; "
+                "is this checkpoint for another model? Pass --base with the model it was trained from."
+            )
+        module = modules[module_name]
+        if not isinstance(module, nn.Linear):
+            continue
+        wanted = (tensor.shape[0], module.in_features) if rest == "A" else (module.out_features, tensor.shape[1])
+        if tuple(tensor.shape) != wanted:
+            raise ValueError(f"adapter weight {name} has shape {tuple(tensor.shape)}; {module_name} in {where} needs {wanted}.")
+
+
+def _map_to_base(
+    trainable: dict[str, torch.Tensor], model: nn.Module, where: str
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Rename `trainable` to the base's names of today, refusing any tensor that names none of its weights or
+    has another shape. Returns the tensors under their names and, separately, the copies a weight the base
+    ties to a trained one (an output head tied to the input embedding) needs under its own name: PEFT keeps
+    the tie and loads the tied module from that name."""
+    parameters = dict(model.named_parameters(remove_duplicate=False))
+    tied: dict[int, list[str]] = {}  # a parameter -> its names (the tied ones have several)
+    for name, parameter in parameters.items():
+        tied.setdefault(id(parameter), []).append(name)
+    aliases = {name: names for names in tied.values() for name in names}
+    renamed: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}
     for name, tensor in trainable.items():
-        key = name.removeprefix(PREFIX)
-        if key not in expected:
-            raise ValueError(f"trainable_params.bin: {name} is not a weight of {base}; is this checkpoint for another model?")
-        if tuple(tensor.shape) != expected[key]:
-            raise ValueError(f"trainable_params.bin: {name} has shape {tuple(tensor.shape)}; {base} has {expected[key]}.")
+        key = _todays_name(name.removeprefix(PREFIX), model.config.model_type, parameters)
+        if key is None:
+            raise ValueError(
+                f"trainable_params.bin: {name} is not a weight of {where}, under today's names or the reference's "
+                "transformers 4.x ones; is this checkpoint for another model? Pass --base with the model it was "
+                "trained from."
+            )
+        if tuple(tensor.shape) != tuple(parameters[key].shape):
+            raise ValueError(f"trainable_params.bin: {name} has shape {tuple(tensor.shape)}; {where} has {tuple(parameters[key].shape)}.")
+        canonical = aliases[key][0]
+        if canonical in renamed:
+            if not torch.equal(renamed[canonical], tensor):
+                raise ValueError(
+                    f"trainable_params.bin: {origin[canonical]} and {name} differ, but {where} ties them (one "
+                    f"tensor: {', '.join(aliases[key])}); keep the one that was trained."
+                )
+            continue
+        renamed[canonical], origin[canonical] = tensor, name
+    # copies, not views: safetensors stores no shared memory, and PEFT ties the loaded modules again itself
+    copies = {alias: renamed[canonical].clone() for canonical in renamed for alias in aliases[canonical][1:]}
+    return renamed, copies
 
 
 def convert_reference_checkpoint(
     checkpoint: str | Path, out: str | Path, target_context_length: int | None = None, base: str | None = None
 ) -> Path:
-    """Convert `checkpoint` (reference layout) into a LongLoRA adapter in `out`. With `base` (a model path or
-    id; only its config is read), every embedding and norm tensor is checked against the base's names and
-    shapes too."""
+    """Convert `checkpoint` (reference layout) into a LongLoRA adapter in `out`.
+
+    The base model's config (`base`, a path or id, else the `base_model_name_or_path` the checkpoint's
+    adapter_config.json records; only the config is read) maps the names of the reference's transformers 4.x
+    to today's (GPT-NeoX's `embed_out` is `lm_head`), checks every tensor's name and shape against the base,
+    and says which weights the base ties to a trained one (an output head tied to the input embedding is
+    written under its own name too, which PEFT needs to load it). A tensor that is no weight of the base is
+    refused by name, never dropped."""
     checkpoint, out = Path(checkpoint), Path(out)
     config_path = checkpoint / "adapter_config.json"
     if not config_path.is_file():
@@ -101,10 +198,14 @@ def convert_reference_checkpoint(
             "It is not a reference trainable_params.bin."
         )
     weights = dict(_load_adapter_weights(checkpoint))
-    _check_shapes(weights, trainable, reference["r"], base)
-    for name, tensor in trainable.items():
-        weights[name if name.startswith(PREFIX) else PREFIX + name] = tensor.contiguous()
-    leaves = sorted({name.removeprefix(PREFIX).rsplit(".", 2)[-2] for name in trainable})
+    _check_shapes(weights, trainable, reference["r"])
+    recorded = reference.get("base_model_name_or_path")
+    model, where = _base_skeleton(base, recorded, config_path)
+    _check_lora_against_base(weights, model, where)
+    renamed, tied_copies = _map_to_base(trainable, model, where)
+    for name, tensor in {**renamed, **tied_copies}.items():
+        weights[PREFIX + name] = tensor.contiguous()
+    leaves = sorted({name.rsplit(".", 2)[-2] for name in renamed})
     config = LongLoraConfig(
         r=reference["r"],
         lora_alpha=reference["lora_alpha"],
@@ -112,9 +213,10 @@ def convert_reference_checkpoint(
         target_modules=reference["target_modules"],
         modules_to_save=leaves,
         target_context_length=target_context_length,
-        base_model_name_or_path=reference.get("base_model_name_or_path"),
+        base_model_name_or_path=recorded or base,
         trainable_embeddings=any("embed" in leaf for leaf in leaves),
         trainable_norms=any("norm" in leaf for leaf in leaves),
+        ensure_weight_tying=bool(tied_copies),
     )
     out.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(out)
