@@ -6,17 +6,20 @@ import os
 import subprocess
 import sys
 import textwrap
+from dataclasses import asdict
+from types import SimpleNamespace
 
 import pytest
 import torch
 import transformers
-from conftest import ARCHITECTURES, shadow_longlora_hf, tiny_config, tiny_model
+from conftest import ARCHITECTURES, COMMON, shadow_longlora_hf, tiny_config, tiny_model
 from s2_reference import masked_attention, s2_reference_mask
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import longlora_hf
-from longlora_hf.attention import S2AttentionSettings, use_s2_attention
+from longlora_hf.attention import S2AttentionSettings, s2, use_s2_attention
+from longlora_hf.attention.s2 import s2_attention_forward
 
 ARCHS = list(ARCHITECTURES)
 
@@ -39,6 +42,37 @@ def register_reference(real, position_ids=None, **groups):
     AttentionMaskInterface.register("s2_reference", sdpa_mask)
 
 
+def register_spy(calls):
+    """Register "s2_spy": S2 itself, recording what each layer hands it. Switch to it after `use_s2_attention`."""
+
+    def spy(module, query, key, value, attention_mask, sliding_window=None, **kwargs):
+        calls.append(dict(sliding_window=sliding_window, query_dim=query.shape[-1], value_dim=value.shape[-1]))
+        return s2_attention_forward(module, query, key, value, attention_mask, sliding_window=sliding_window, **kwargs)
+
+    AttentionInterface.register("s2_spy", spy)
+    AttentionMaskInterface.register("s2_spy", longlora_hf.attention.s2_mask)
+
+
+def flash_attn_varlen_stand_in(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal, window_size
+):
+    """A pure-torch flash_attn_varlen_func for the CPU that, like flash-attn 2, takes one head size only."""
+    assert q.shape[-1] == k.shape[-1] == v.shape[-1], "flash-attn 2: query, key and value must share a head size"
+    assert torch.equal(cu_seqlens_q, cu_seqlens_k) and causal and window_size == (-1, -1)
+    repeat = q.shape[1] // k.shape[1]
+    out = torch.zeros_like(q)
+    bounds = cu_seqlens_q.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        qs, ks, vs = (x[start:end].transpose(0, 1) for x in (q, k, v))
+        ks, vs = ks.repeat_interleave(repeat, 0), vs.repeat_interleave(repeat, 0)
+        scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+        scores = (qs @ ks.transpose(-1, -2) * scale).masked_fill(
+            torch.ones(end - start, end - start, dtype=torch.bool).triu(1), float("-inf")
+        )
+        out[start:end] = (torch.softmax(scores, -1) @ vs).transpose(0, 1)
+    return out
+
+
 def test_importing_the_package_registers_s2_and_its_mask_function():
     assert AttentionInterface._global_mapping["s2"] is longlora_hf.s2_attention_forward
     assert "s2" in AttentionMaskInterface._global_mapping
@@ -58,7 +92,107 @@ def test_training_forward_matches_the_reference_mask_on_a_padded_batch(arch):
     torch.testing.assert_close(got[real], expected[real], atol=1e-10, rtol=0)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral-sliding"])
+def test_the_added_architectures_have_the_features_they_stand_for():
+    """Guards the table: each entry below really has the feature it was added for."""
+    rope = tiny_config("llama3-rope").rope_parameters
+    assert rope["rope_type"] == "llama3" and rope["original_max_position_embeddings"] < 24  # the tests' length
+    for arch, experts, top_k in [("mixtral", "num_local_experts", "num_experts_per_tok"),
+                                 ("qwen3-moe", "num_experts", "num_experts_per_tok"),
+                                 ("deepseek-v3", "n_routed_experts", "num_experts_per_tok")]:
+        config = tiny_config(arch)
+        assert 1 < getattr(config, top_k) < getattr(config, experts), arch
+    layer_types = tiny_config("gemma3-interleaved").layer_types
+    assert layer_types == ["sliding_attention"] * 5 + ["full_attention"]
+    config = tiny_config("deepseek-v3")
+    assert config.v_head_dim != config.qk_nope_head_dim + config.qk_rope_head_dim
+
+
+def test_gemma3_sliding_windows_reach_s2_per_layer_and_matter():
+    """Gemma 3's 5 sliding layers hand S2 their window, its global layer none; and the window changes the result."""
+    model = tiny_model("gemma3-interleaved").double().train()
+    ids, attention_mask = batch()
+    real = attention_mask.bool()
+    calls = []
+    use_s2_attention(model)
+    register_spy(calls)
+    model.set_attn_implementation("s2_spy")
+    got = model(ids, attention_mask=attention_mask).logits
+    assert [call["sliding_window"] for call in calls] == [3] * 5 + [None]
+
+    def without_window(module, query, key, value, attention_mask, scaling=None, sliding_window=None, **kwargs):
+        mask = s2_reference_mask(real, query.shape[1])
+        return masked_attention(query, key, value, mask, scaling).to(query.dtype), None
+
+    AttentionInterface.register("s2_reference_without_window", without_window)
+    AttentionMaskInterface.register("s2_reference_without_window", sdpa_mask)
+    model.set_attn_implementation("s2_reference_without_window")
+    assert (model(ids, attention_mask=attention_mask).logits[real] - got[real]).abs().max() > 1e-3
+
+
+def test_deepseek_v3_hands_s2_a_value_head_size_of_its_own():
+    """MLA: S2 receives values of head size 8 under queries and keys of 12, unpadded, and returns 8."""
+    model = tiny_model("deepseek-v3").double().train()
+    ids, attention_mask = batch()
+    calls = []
+    use_s2_attention(model)
+    register_spy(calls)
+    model.set_attn_implementation("s2_spy")
+    model(ids, attention_mask=attention_mask)
+    assert {(call["query_dim"], call["value_dim"]) for call in calls} == {(12, 8)}
+
+
+def test_deepseek_v3_on_the_flash_attention_path_matches_the_reference(monkeypatch):
+    """flash-attn 2 takes one head size: S2 pads MLA's narrower values for it and crops the output back.
+    The kernel cannot run on the CPU; a stand-in that enforces its head-size rule runs instead."""
+    monkeypatch.setattr(s2, "_load_flash_varlen", lambda: flash_attn_varlen_stand_in)
+    model = tiny_model("deepseek-v3").double().train()
+    ids, attention_mask = batch()
+    real = attention_mask.bool()
+    register_reference(real)
+    model.set_attn_implementation("s2_reference")
+    expected = model(ids, attention_mask=attention_mask).logits
+    use_s2_attention(model, inner_attn_implementation="flash_attention_2")
+    got = model(ids, attention_mask=attention_mask).logits
+    torch.testing.assert_close(got[real], expected[real], atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("inner", ["sdpa", "flash_attention_2"])
+@pytest.mark.parametrize("dim,value_dim", [(12, 8), (8, 12)])
+def test_a_value_head_size_other_than_the_query_s_on_both_kernels(monkeypatch, inner, dim, value_dim):
+    """The attention function alone, values narrower (MLA) and wider than queries, with padding and GQA."""
+    monkeypatch.setattr(s2, "_load_flash_varlen", lambda: flash_attn_varlen_stand_in)
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(2, 4, 22, dim, dtype=torch.float64, generator=generator)
+    key = torch.randn(2, 2, 22, dim, dtype=torch.float64, generator=generator)
+    value = torch.randn(2, 2, 22, value_dim, dtype=torch.float64, generator=generator)
+    real = torch.arange(22)[None, :] < torch.tensor([22, 15])[:, None]
+    settings = S2AttentionSettings(inner_attn_implementation=inner)
+    module = SimpleNamespace(config=SimpleNamespace(s2_attention=asdict(settings)), training=True, is_causal=True)
+    out, _ = s2_attention_forward(module, query, key, value, real)
+    assert out.shape == (2, 22, 4, value_dim)
+    expected = masked_attention(query, key, value, s2_reference_mask(real, 4))
+    torch.testing.assert_close(out[real], expected[real], atol=1e-10, rtol=0)
+    assert not out[~real].any()
+
+
+def test_stablelm_dispatches_through_the_registry_and_matches_the_reference():
+    """StableLM calls ALL_ATTENTION_FUNCTIONS without declaring `_supports_attention_backend`; switched
+    with `set_attn_implementation("s2")` (partial RoPE, per-head q/k LayerNorm), S2 is exact on it."""
+    extra = dict(num_attention_heads=4, num_key_value_heads=2, partial_rotary_factor=0.25, qk_layernorm=True)
+    config = transformers.StableLmConfig(**{**COMMON, **extra})
+    torch.manual_seed(0)
+    model = transformers.StableLmForCausalLM(config).double().train()
+    ids, attention_mask = batch()
+    real = attention_mask.bool()
+    register_reference(real)
+    model.set_attn_implementation("s2_reference")
+    expected = model(ids, attention_mask=attention_mask).logits
+    model.set_attn_implementation("s2")
+    got = model(ids, attention_mask=attention_mask).logits
+    torch.testing.assert_close(got[real], expected[real], atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral-sliding", "gemma3-interleaved", "deepseek-v3"])
 def test_training_forward_matches_the_reference_on_packed_documents(arch):
     model = tiny_model(arch).double().train()
     position_ids = torch.cat([torch.arange(11), torch.arange(21)])[None]
@@ -93,7 +227,7 @@ def test_eval_mode_is_exactly_sdpa(arch):
     assert torch.equal(model(ids, attention_mask=attention_mask).logits, expected)
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral-sliding", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "mistral-sliding", "gemma3", "gemma3-interleaved", "deepseek-v3"])
 def test_generation_is_exactly_sdpa_even_in_training_mode(arch):
     model = tiny_model(arch)
     prompt = torch.randint(4, 128, (1, 10), generator=torch.Generator().manual_seed(3))
@@ -255,6 +389,20 @@ def test_the_layout_is_computed_once_per_forward_not_once_per_layer(monkeypatch)
     model(ids, attention_mask=attention_mask)
     assert len(calls) == 1
     attention_mask[1, 10:] = 0  # a new batch (new mask tensors): computed again
+    model(ids, attention_mask=attention_mask)
+    assert len(calls) == 2
+
+
+def test_interleaved_layer_kinds_compute_the_layout_once_per_mask_not_once_per_switch(monkeypatch):
+    """Gemma 3 alternates a sliding-window mask and a global one (twice here: 12 layers): two layouts, not four."""
+    calls = []
+    original = s2.s2_layout
+    monkeypatch.setattr(s2, "s2_layout", lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
+    layer_types = (["sliding_attention"] * 5 + ["full_attention"]) * 2
+    model = tiny_model("gemma3-interleaved", num_hidden_layers=12, layer_types=layer_types)
+    use_s2_attention(model)
+    model.train()
+    ids, attention_mask = batch()
     model(ids, attention_mask=attention_mask)
     assert len(calls) == 2
 

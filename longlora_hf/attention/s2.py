@@ -120,7 +120,9 @@ def s2_layout(
     return S2Layout(token_index, cu_seqlens, (max(lengths[0]), max(lengths[1])), runs)
 
 
-_layout_cache: dict[str, tuple] = {}
+# The last few layouts, newest last: (key, weak references to the mask and position tensors, layout).
+_layout_cache: list[tuple] = []
+_LAYOUT_CACHE_SIZE = 4
 
 
 def cached_s2_layout(
@@ -134,18 +136,22 @@ def cached_s2_layout(
     """`s2_layout` of this batch, computed once per forward pass rather than once per layer.
 
     Every layer of one forward (and its recomputation under gradient checkpointing) receives the same
-    mask and position tensors, so the last layout is reused while they are the same live, unmodified
-    objects. This keeps the host-side work and the device-to-host copy it needs out of the layer loop.
+    mask and position tensors, so a layout is reused while they are the same live, unmodified objects.
+    This keeps the host-side work and the device-to-host copy it needs out of the layer loop. Models
+    that interleave layer kinds (Gemma 3: sliding-window and global layers) hand their layers a mask
+    of each kind; a few layouts are kept, so each mask's is computed once per forward, not once per
+    switch between kinds.
     """
     tensors = (attention_mask, position_ids)
     key = (batch, seq, device, astuple(settings), tuple(None if t is None else t._version for t in tensors))
-    cached = _layout_cache.get("last")
-    if cached is not None and cached[0] == key and all(
-        (ref is None and t is None) or (ref is not None and ref() is t) for ref, t in zip(cached[1], tensors)
-    ):
-        return cached[2]
+    for cached_key, refs, layout in reversed(_layout_cache):
+        if cached_key == key and all(
+            (ref is None and t is None) or (ref is not None and ref() is t) for ref, t in zip(refs, tensors)
+        ):
+            return layout
     layout = s2_layout(real_tokens_from_mask(attention_mask, batch, seq), position_ids, settings, device)
-    _layout_cache["last"] = (key, tuple(None if t is None else weakref.ref(t) for t in tensors), layout)
+    _layout_cache.append((key, tuple(None if t is None else weakref.ref(t) for t in tensors), layout))
+    del _layout_cache[:-_LAYOUT_CACHE_SIZE]
     return layout
 
 
@@ -200,7 +206,8 @@ def sdpa_varlen(
 ) -> torch.Tensor:
     """Causal attention inside each group, with SDPA: one batched call per distinct group length.
 
-    query: [tokens, heads, dim], key/value: [tokens, kv_heads, dim] -> [tokens, heads, dim]. Each run of
+    query: [tokens, heads, dim], key: [tokens, kv_heads, dim], value: [tokens, kv_heads, value_dim] ->
+    [tokens, heads, value_dim] (SDPA takes a value head size of its own). Each run of
     equal groups is a view; runs of the same length (other rows, other documents) are concatenated
     into one call.
     """
@@ -227,7 +234,7 @@ def sdpa_varlen(
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None, scale=scaling, enable_gqa=enable_gqa
         )
-        out = out.transpose(1, 2).flatten(0, 1)  # [groups * length, heads, dim]
+        out = out.transpose(1, 2).flatten(0, 1)  # [groups * length, heads, value_dim]
         for i, piece in zip(members, out.split([runs[i][2] * length for i in members])):
             run_outputs[i] = piece
     return torch.cat(run_outputs) if len(run_outputs) > 1 else run_outputs[0]
@@ -254,11 +261,23 @@ def flash_varlen(
     scaling: float | None,
     sliding_window: int | None,
 ) -> torch.Tensor:
-    """Causal attention inside each group of `cu_seqlens`, with flash-attn's varlen kernel (GPU)."""
+    """Causal attention inside each group of `cu_seqlens`, with flash-attn's varlen kernel (GPU).
+
+    flash-attn 2 wants one head size for query, key and value. A value head size of its own (MLA) is
+    zero-padded up to the query's and the output cropped back, as transformers' flash path does; the
+    padded columns of the value only produce the cropped columns. A value wider than the query pads
+    query and key instead, which leaves the scores unchanged once the scale is fixed to the query's.
+    """
     flash_attn_varlen_func = _load_flash_varlen()
     # Same convention as transformers' flash path: a window of `sliding_window` tokens including itself.
     window = (-1, -1) if sliding_window is None else (sliding_window - 1, sliding_window - 1)
-    return flash_attn_varlen_func(
+    dim, value_dim = query.shape[-1], value.shape[-1]
+    if value_dim < dim:
+        value = F.pad(value, (0, dim - value_dim))
+    elif value_dim > dim:
+        scaling = dim**-0.5 if scaling is None else scaling
+        query, key = F.pad(query, (0, value_dim - dim)), F.pad(key, (0, value_dim - dim))
+    out = flash_attn_varlen_func(
         query,
         key,
         value,
@@ -271,6 +290,7 @@ def flash_varlen(
         causal=True,
         window_size=window,
     )
+    return out[..., :value_dim] if value_dim != out.shape[-1] else out
 
 
 def _check_trainable(module: torch.nn.Module, query: torch.Tensor, is_causal: bool | None) -> None:
@@ -301,8 +321,9 @@ def s2_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """Shifted sparse attention in training, dense attention otherwise.
 
-    query: [batch, heads, seq, dim]; key/value: [batch, kv_heads, kv_seq, dim] (GQA/MQA: fewer heads).
-    Returns ([batch, seq, heads, dim], None), the contract of transformers' attention functions.
+    query/key: [batch, heads or kv_heads, seq, dim]; value: [batch, kv_heads, seq, value_dim] (GQA/MQA:
+    fewer kv heads; MLA, e.g. DeepSeek-V3: value_dim != dim). Returns ([batch, seq, heads, value_dim],
+    None), the contract of transformers' attention functions.
     """
     settings = S2AttentionSettings.from_config(module.config)
     q_len, kv_len = query.shape[2], key.shape[2]
@@ -329,10 +350,11 @@ def s2_attention_forward(
             f"{type(module).__name__}. Use attn_implementation='eager' for this model."
         )
 
-    batch, heads, seq, dim = query.shape
+    batch, heads, seq, _ = query.shape
+    value_dim = value.shape[-1]  # differs from the query/key head size under MLA (DeepSeek-V2/V3)
     layout = cached_s2_layout(attention_mask, position_ids, batch, seq, settings, query.device)
     # [batch, heads, seq, dim] -> [batch * seq, heads, dim], then keep the real tokens only.
-    q, k, v = (x.transpose(1, 2).reshape(batch * seq, x.shape[1], dim) for x in (query, key, value))
+    q, k, v = (x.transpose(1, 2).reshape(batch * seq, x.shape[1], x.shape[3]) for x in (query, key, value))
     if layout.token_index is not None:
         q, k, v = (x.index_select(0, layout.token_index) for x in (q, k, v))
 
@@ -349,11 +371,11 @@ def s2_attention_forward(
                 q_half, k_half, v_half, layout.runs[half], dropout, scaling, sliding_window
             )
         halves.append(out)
-    out = torch.cat(halves, dim=1)  # [tokens, heads, dim]
+    out = torch.cat(halves, dim=1)  # [tokens, heads, value_dim]
 
     if layout.token_index is not None:
-        out = out.new_zeros(batch * seq, heads, dim).index_copy(0, layout.token_index, out)
-    return out.view(batch, seq, heads, dim), None
+        out = out.new_zeros(batch * seq, heads, value_dim).index_copy(0, layout.token_index, out)
+    return out.view(batch, seq, heads, value_dim), None
 
 
 def s2_mask(*args, config=None, **kwargs):
