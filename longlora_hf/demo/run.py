@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from .. import metrics
 from ..metrics.passkey import passkey_retrieval
-from ..metrics.report import perplexity_table, plot_perplexity
+from ..metrics.report import NO_PLOTS, perplexity_table, plot_perplexity, plots_available
 from ..tuner import LongLoraConfig, apply_position_interpolation
 from . import ASSETS
 from .corpus import read_split
@@ -169,11 +169,15 @@ def run_demo(
         print("\npasskey accuracy (mean over depths 0, 0.5, 1)")
         for line in perplexity_table({name: row["passkey"] for name, row in results["rows"].items()}).splitlines():
             print(line)
-    plot_perplexity(table, out_dir / "perplexity.png")
     (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    written = [out_dir / "results.json"]
+    if plots_available():
+        written.append(plot_perplexity(table, out_dir / "perplexity.png"))
+    else:
+        print(NO_PLOTS)
     longlora, pi_only = table["LongLoRA"][target], table["PI only"][target]
     print(f"\nat {target} tokens: LongLoRA {longlora:.2f} vs PI only {pi_only:.2f} ({pi_only / longlora:.2f}x lower)")
-    print(f"wrote {out_dir / 'results.json'}, {out_dir / 'perplexity.png'} and the adapter in {out_dir / 'adapter'}")
+    print(f"wrote {', '.join(map(str, written))} and the adapter in {out_dir / 'adapter'}")
     return results
 
 

@@ -44,7 +44,7 @@ def read_texts(path: Path) -> list[str]:
 def run_eval(args) -> int:
     from .passkey import passkey_retrieval
     from .perplexity import compute_perplexity, load_model_and_tokenizer
-    from .report import perplexity_table, plot_passkey, plot_perplexity, write_json
+    from .report import NO_PLOTS, perplexity_table, plot_passkey, plot_perplexity, plots_available, write_json
 
     adapters = args.adapter or ["none"] * len(args.model)
     if len(adapters) != len(args.model):
@@ -68,14 +68,18 @@ def run_eval(args) -> int:
         if args.passkey_depths:
             passkey = passkey_retrieval(model, tokenizer, args.lengths, args.passkey_depths, args.passkey_trials, args.seed)
             report["passkey"] = passkey
-            plot_passkey(passkey["accuracy"], args.out / f"passkey_{index}.png", title=f"passkey retrieval: {name}")
+            if plots_available():
+                plot_passkey(passkey["accuracy"], args.out / f"passkey_{index}.png", title=f"passkey retrieval: {name}")
             print(f"passkey accuracy of {name} (rows: depth, columns: context length)")
             for depth in args.passkey_depths:
                 print(f"{depth:>6.2f}" + "".join(f"{passkey['accuracy'][length][depth]:>10.2f}" for length in args.lengths))
         reports.append(report)
     print(f"perplexity ({args.protocol} protocol, stride {args.stride})")
     print(perplexity_table(rows))
-    plot_perplexity(rows, args.out / "perplexity.png")
     write_json({"models": reports}, args.out / "results.json")
-    print(f"wrote {args.out / 'results.json'} and PNG plots in {args.out}")
+    if plots_available():
+        plot_perplexity(rows, args.out / "perplexity.png")
+        print(f"wrote {args.out / 'results.json'} and PNG plots in {args.out}")
+    else:
+        print(f"wrote {args.out / 'results.json'}; {NO_PLOTS}")
     return 0

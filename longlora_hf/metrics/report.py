@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
+
+NO_PLOTS = "no PNG plots: matplotlib is not installed (`pip install 'longlora-hf[plots]'` adds it); the table and JSON have every figure"
+
+
+def plots_available() -> bool:
+    """Whether matplotlib (the optional `plots` extra) can draw the PNG plots."""
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def _pyplot():
