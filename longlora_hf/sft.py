@@ -17,26 +17,39 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass, field, make_dataclass
 
 from .tuner import LongLoraConfig
 
 
-@dataclass
-class LongLoraArguments:
-    """The LongLoRA options of `longlora-hf sft` (the LoRA rank, alpha, dropout and targets are TRL's `--lora_*`)."""
+# The LongLoRA fields of `LongLoraConfig` that are flags of `longlora-hf sft`, with the config's own defaults and
+# help (the S2 ones come from S2AttentionSettings through it): one definition for the tuner, the flags and the
+# backend. LoRA's rank, alpha, dropout and targets are TRL's `--lora_*` flags.
+CONFIG_FLAGS = (
+    "target_context_length",
+    "rope_type",
+    "use_s2_attn",
+    "group_size_ratio",
+    "group_size",
+    "shift",
+    "inner_attn_implementation",
+    "trainable_embeddings",
+    "trainable_norms",
+)
 
+
+def _config_flag(name: str):
+    source = LongLoraConfig.__dataclass_fields__[name]
+    help_text = source.metadata["help"]
+    if name == "target_context_length":
+        help_text += " Default here: max_length."
+    return name, typing.get_type_hints(LongLoraConfig)[name], field(default=source.default, metadata={"help": help_text})
+
+
+@dataclass
+class _SftArguments:
     longlora: bool = field(default=True, metadata={"help": "Train with LongLoRA. False runs plain `trl sft`."})
-    target_context_length: int | None = field(
-        default=None,
-        metadata={"help": "Context to train for; RoPE is interpolated by ceil(target / current context). Default: max_length."},
-    )
-    rope_type: str = field(default="linear", metadata={"help": "RoPE extension: 'linear' (the paper's), 'dynamic' or 'yarn'."})
-    use_s2_attn: bool = field(default=True, metadata={"help": "Train with shifted sparse attention (S2-Attn)."})
-    group_size_ratio: float = field(default=0.25, metadata={"help": "S2-Attn group size as a fraction of the sequence length."})
-    group_size: int | None = field(default=None, metadata={"help": "Absolute S2-Attn group size; overrides group_size_ratio."})
-    trainable_embeddings: bool = field(default=True, metadata={"help": "Train the input embedding (LoRA+)."})
-    trainable_norms: bool = field(default=True, metadata={"help": "Train every normalization layer (LoRA+)."})
     record_format: str | None = field(
         default=None,
         metadata={
@@ -55,22 +68,26 @@ class LongLoraArguments:
     )
 
 
-def longlora_config(model_args, training_args, longlora_args: LongLoraArguments) -> LongLoraConfig:
+LongLoraArguments = make_dataclass("LongLoraArguments", [_config_flag(name) for name in CONFIG_FLAGS], bases=(_SftArguments,))
+LongLoraArguments.__module__ = __name__
+LongLoraArguments.__doc__ = (
+    "The LongLoRA options of `longlora-hf sft`: `--longlora`, the data formatting flags, and the LongLoraConfig "
+    f"fields {', '.join(CONFIG_FLAGS)} (the LoRA rank, alpha, dropout and targets are TRL's `--lora_*`)."
+)
+
+
+def longlora_config(model_args, training_args, longlora_args) -> LongLoraConfig:
     """A LongLoraConfig from TRL's `--lora_*` flags and the LongLoRA ones (TRL's defaults for r and alpha
     are the paper's too: 8 and 16)."""
+    flags = {name: getattr(longlora_args, name) for name in CONFIG_FLAGS}
+    flags["target_context_length"] = flags["target_context_length"] or training_args.max_length
     return LongLoraConfig(
         r=model_args.lora_r,
         lora_alpha=model_args.lora_alpha,
         lora_dropout=model_args.lora_dropout,
         target_modules=model_args.lora_target_modules,
         modules_to_save=model_args.lora_modules_to_save,
-        target_context_length=longlora_args.target_context_length or training_args.max_length,
-        rope_type=longlora_args.rope_type,
-        use_s2_attn=longlora_args.use_s2_attn,
-        group_size_ratio=longlora_args.group_size_ratio,
-        group_size=longlora_args.group_size,
-        trainable_embeddings=longlora_args.trainable_embeddings,
-        trainable_norms=longlora_args.trainable_norms,
+        **flags,
     )
 
 
@@ -112,7 +129,7 @@ def check_local_record_files(dataset_args) -> None:
                     read_records(path)
 
 
-def formatter(longlora_args: LongLoraArguments, model_args, training_args):
+def formatter(longlora_args, model_args, training_args):
     """A function DatasetDict -> DatasetDict of TRL prompt/completion rows, saying what it kept, truncated, dropped."""
     import logging
 

@@ -26,7 +26,9 @@ def test_a_card_with_nothing_known_about_training_says_so_and_is_valid_hub_yaml(
     assert card.data.base_model == "org/base-7b" and card.data.library_name == "peft"
     assert card.data.pipeline_tag == "text-generation" and card.data.tags == ["longlora", "lora", "peft"]
     for fact in ("| Base model | `org/base-7b` |", "| Original context | 256 tokens |", "| Target context | 512 tokens |",
-                 "| Position interpolation | linear, factor 2 |", "| S2-Attn group size ratio | 0.25",
+                 "| RoPE of the base model | default (theta 10000) |",
+                 "| Position extension | x2 over the base model's own scheme, giving linear (factor 2, original 256, theta 10000) |",
+                 "| S2-Attn group size ratio | 0.25",
                  "| Training data | not recorded |", "| Training steps | not recorded |", "Not evaluated yet",
                  "longlora-hf eval", "path/to/this/model"):
         assert fact in card.text, fact

@@ -137,7 +137,7 @@ def test_push_adapter_to_hub_publishes_config_safetensors_and_the_longlora_card(
     assert card.data.base_model == BASE and card.data.library_name == "peft" and card.data.pipeline_tag == "text-generation"
     assert {"longlora", "peft", "lora"} <= set(card.data.tags)
     for fact in (f"| Base model | `{BASE}` |", "| Original context | 256 tokens |", "| Target context | 1024 tokens |",
-                 "| Position interpolation | linear, factor 4 |", "| S2-Attn group size ratio | 0.25",
+                 "| Position extension | x4 over the base model's own scheme, giving linear (factor 4, original 256, theta 10000) |", "| S2-Attn group size ratio | 0.25",
                  "input embedding, every normalization layer", "| Training data | not recorded |",
                  "| Training steps | not recorded |", "Not evaluated yet", "import longlora_hf", "longlora-hf merge",
                  f'AutoPeftModelForCausalLM.from_pretrained("{ADAPTER}")'):

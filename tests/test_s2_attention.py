@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from s2_reference import group_boundaries, masked_attention, s2_reference_mask
+from s2_reference import group_boundaries, masked_attention, s2_reference_mask, varlen_stand_in
 
 from longlora_hf.attention import S2AttentionSettings, s2
 from longlora_hf.attention.s2 import s2_attention_forward, s2_layout
@@ -140,32 +140,6 @@ def test_sliding_window_applies_inside_groups(window):
     out, _ = s2_attention_forward(attention_module(), query, key, value, None, sliding_window=window)
     mask = s2_reference_mask(torch.ones(2, n, dtype=torch.bool), heads, sliding_window=window)
     torch.testing.assert_close(out, masked_attention(query, key, value, mask), atol=TOLERANCE, rtol=0)
-
-
-def varlen_stand_in(calls):
-    """A pure-torch stand-in for flash_attn_varlen_func: causal attention inside each cu_seqlens segment."""
-
-    def flash_attn_varlen_func(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal, window_size
-    ):
-        calls.append(dict(cu_seqlens=cu_seqlens_q.tolist(), max_seqlen=max_seqlen_q, causal=causal, window=window_size))
-        assert torch.equal(cu_seqlens_q, cu_seqlens_k) and cu_seqlens_q.dtype == torch.int32
-        out = torch.zeros_like(q)
-        repeat = q.shape[1] // k.shape[1]
-        bounds = cu_seqlens_q.tolist()
-        for start, end in zip(bounds[:-1], bounds[1:]):
-            qs, ks, vs = q[start:end].transpose(0, 1), k[start:end].transpose(0, 1), v[start:end].transpose(0, 1)
-            ks, vs = ks.repeat_interleave(repeat, 0), vs.repeat_interleave(repeat, 0)
-            scores = qs @ ks.transpose(-1, -2) * softmax_scale
-            offsets = torch.arange(end - start)[:, None] - torch.arange(end - start)[None, :]
-            allowed = offsets >= 0
-            if window_size[0] >= 0:
-                allowed &= offsets <= window_size[0]
-            scores = scores.masked_fill(~allowed, float("-inf"))
-            out[start:end] = (torch.softmax(scores, -1) @ vs).transpose(0, 1)
-        return out
-
-    return flash_attn_varlen_func
 
 
 def test_flash_varlen_layout_matches_the_reference_partition(monkeypatch):

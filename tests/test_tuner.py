@@ -59,7 +59,8 @@ def test_defaults_are_the_papers():
     assert config.task_type == "CAUSAL_LM"
     assert (config.group_size_ratio, config.group_size, config.use_s2_attn) == (0.25, None, True)
     assert config.trainable_embeddings and config.trainable_norms
-    assert config.target_context_length is None and config.rope_type == "linear"
+    assert config.target_context_length is None and config.rope_type is None  # None: extend the model's own scheme
+    assert (config.shift, config.inner_attn_implementation) == (True, None)  # None: the attention the model was loaded with
     assert isinstance(config, LoraConfig) and config.peft_type == "LONGLORA"
 
 
@@ -121,22 +122,29 @@ def test_tied_embeddings_stay_tied_through_training():
 
 
 @pytest.mark.parametrize(
-    "max_positions,existing_factor,target,expected_factor",
-    [(256, None, 1024, 4.0), (256, None, 1000, 4.0), (256, None, 257, 2.0), (256, None, 256, 1.0), (256, 2.0, 2048, 8.0), (256, 2.0, 512, 2.0)],
+    "max_positions,existing_factor,target,expected_step,expected_max_positions",
+    [
+        (256, None, 1024, 4.0, 1024),
+        (256, None, 1000, 4.0, 1024),
+        (256, None, 257, 2.0, 512),
+        (256, None, 256, 1.0, 256),
+        (256, 2.0, 2048, 4.0, 2048),  # a linear x2 model handles 512 tokens: x4 more, factor 8 in all
+        (256, 2.0, 512, 1.0, 256),
+    ],
 )
-def test_position_interpolation_factor_is_ceil_target_over_current_context(max_positions, existing_factor, target, expected_factor):
+def test_position_interpolation_factor_is_ceil_target_over_current_context(
+    max_positions, existing_factor, target, expected_step, expected_max_positions
+):
     rope = {"rope_type": "default", "rope_theta": 10000.0}
     if existing_factor:
         rope = {"rope_type": "linear", "factor": existing_factor, "rope_theta": 10000.0}
     base = tiny_model("llama", max_position_embeddings=max_positions, rope_parameters=rope)
     model = get_peft_model(base, LongLoraConfig(target_context_length=target, use_s2_attn=False))
     config = model.peft_config["default"]
-    assert config.position_interpolation_factor == expected_factor
-    assert config.original_context_length == max_positions
-    rope_after = base.config.rope_parameters
-    assert rope_after.get("factor", 1.0) == expected_factor
-    interpolated = target > max_positions * (existing_factor or 1.0)
-    assert base.config.max_position_embeddings == (target if interpolated else max_positions)
+    assert config.position_interpolation_factor == expected_step
+    assert config.original_context_length == max_positions * (existing_factor or 1)
+    assert base.config.rope_parameters.get("factor", 1.0) == expected_step * (existing_factor or 1)
+    assert base.config.max_position_embeddings == expected_max_positions
 
 
 def test_interpolated_model_equals_one_built_with_that_rope_scaling():
@@ -148,14 +156,21 @@ def test_interpolated_model_equals_one_built_with_that_rope_scaling():
     assert not torch.allclose(tiny_model("llama")(ids()).logits, scaled_from_start(ids()).logits)
 
 
-@pytest.mark.parametrize("rope_type", ["yarn", "dynamic"])
-def test_other_rope_extensions_can_be_chosen(rope_type):
+@pytest.mark.parametrize(
+    "rope_type,expected,max_positions",
+    [
+        ("yarn", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256, "rope_theta": 10000.0}, 1024),
+        # dynamic NTK reads max_position_embeddings as its unscaled length: it stays
+        ("dynamic", {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0}, 256),
+    ],
+)
+def test_other_rope_extensions_can_be_chosen_on_plain_rope(rope_type, expected, max_positions):
     base = tiny_model("llama")
     get_peft_model(base, LongLoraConfig(target_context_length=1024, rope_type=rope_type, use_s2_attn=False))
-    assert base.config.rope_parameters["rope_type"] == rope_type
-    assert base.config.rope_parameters["factor"] == 4.0
-    expected = tiny_model("llama", rope_parameters=dict(base.config.rope_parameters), max_position_embeddings=1024)
-    torch.testing.assert_close(base(ids()).logits, expected(ids()).logits, atol=1e-6, rtol=0)
+    assert base.config.rope_parameters == expected and base.config.max_position_embeddings == max_positions
+    reference = tiny_model("llama", rope_parameters=expected, max_position_embeddings=max_positions)
+    long_ids = torch.randint(4, 128, (1, 600), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(base(long_ids).logits, reference(long_ids).logits, atol=1e-6, rtol=0)
 
 
 def test_get_peft_model_switches_to_s2_with_the_configured_group_size():

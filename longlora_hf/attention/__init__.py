@@ -7,7 +7,13 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from .s2 import S2Layout, s2_attention_forward, s2_layout, s2_mask
-from .settings import INNER_ATTN_IMPLEMENTATIONS, S2_ATTN_IMPLEMENTATION, S2AttentionSettings
+from .settings import (
+    INNER_ATTN_IMPLEMENTATIONS,
+    S2_ATTN_IMPLEMENTATION,
+    S2AttentionSettings,
+    inner_attn_implementation_for,
+    s2_field,
+)
 
 __all__ = [
     "INNER_ATTN_IMPLEMENTATIONS",
@@ -15,8 +21,10 @@ __all__ = [
     "S2AttentionSettings",
     "S2Layout",
     "check_s2_compatible",
+    "inner_attn_implementation_for",
     "register_attention",
     "s2_attention_forward",
+    "s2_field",
     "s2_layout",
     "s2_mask",
     "use_s2_attention",
@@ -56,15 +64,24 @@ def use_s2_attention(
     model: torch.nn.Module,
     group_size_ratio: float = 0.25,
     group_size: int | None = None,
-    inner_attn_implementation: str = "sdpa",
+    inner_attn_implementation: str | None = None,
     shift: bool = True,
 ) -> S2AttentionSettings:
     """Switch a loaded transformers model to S2-Attn with the given group size; returns the settings.
 
     Same as `model.set_attn_implementation("s2")`, plus validation and the group size. The settings
     are stored in `model.config.s2_attention`, so `save_pretrained` records them; plain transformers
-    ignores that key and loads the model with its default attention.
+    ignores that key and loads the model with its default attention. `inner_attn_implementation=None`
+    follows the attention the model was loaded with (`flash_attention_2` stays flash-attn, else `sdpa`;
+    a model already on "s2" keeps its inner kernel).
     """
+    if inner_attn_implementation is None:
+        loaded = model.config._attn_implementation
+        inner_attn_implementation = (
+            S2AttentionSettings.from_config(model.config).inner_attn_implementation
+            if loaded == S2_ATTN_IMPLEMENTATION
+            else inner_attn_implementation_for(loaded)
+        )
     settings = S2AttentionSettings(
         group_size_ratio=group_size_ratio,
         group_size=group_size,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 
 S2_ATTN_IMPLEMENTATION = "s2"
 """The name under which S2-Attn is registered: `attn_implementation="s2"`."""
@@ -87,3 +87,19 @@ class S2AttentionSettings:
 
     def write_to(self, config) -> None:
         setattr(config, CONFIG_ATTRIBUTE, asdict(self))
+
+
+def inner_attn_implementation_for(model_attn_implementation: str | None) -> str:
+    """The inner kernel S2 uses by default on a model loaded with `model_attn_implementation`: flash-attn for
+    a model loaded with it, and SDPA for anything else (eager, sdpa, kernels S2 has no varlen path for)."""
+    return "flash_attention_2" if model_attn_implementation == "flash_attention_2" else "sdpa"
+
+
+def s2_field(name: str, default=MISSING, help_prefix: str = ""):
+    """A dataclass field for another config (LongLoraConfig, the sft flags) that holds the S2 setting `name`,
+    with this class's default and help, so the settings are written once."""
+    source = S2AttentionSettings.__dataclass_fields__[name]
+    return field(
+        default=source.default if default is MISSING else default,
+        metadata={**source.metadata, "help": help_prefix + source.metadata["help"]},
+    )

@@ -15,6 +15,8 @@ import re
 from importlib.resources import files
 from pathlib import Path
 
+from ..tuner.position_interpolation import describe_rope
+
 TEMPLATE = "longlora_adapter.md"
 NOT_RECORDED = "not recorded"
 # PEFT writes huggingface_hub's default card when a directory has none; its first heading tells it apart
@@ -77,6 +79,18 @@ def loading_section(repo_or_path: str, merged: bool) -> str:
     )
 
 
+def position_extension(config) -> str:
+    """What the adapter does to the base model's RoPE, in words."""
+    factor = config.position_interpolation_factor
+    if config.target_context_length is None:
+        return "none (the base model's positions are kept)"
+    if factor is None:
+        return NOT_RECORDED
+    if factor == 1.0:
+        return "none: the target is within the context the base model already handles"
+    return f"x{factor:g} over the base model's own scheme, giving {describe_rope(config.rope_parameters)}"
+
+
 def render_model_card(
     config,
     *,
@@ -107,7 +121,6 @@ def render_model_card(
         for part, on in (("input embedding", config.trainable_embeddings), ("every normalization layer", config.trainable_norms))
         if on
     ]
-    factor = config.position_interpolation_factor
     modules = config.target_modules
     target_modules = ", ".join(sorted(modules)) if isinstance(modules, (set, list, tuple)) else str(modules)
     kind = "A model merged from a LongLoRA adapter" if merged else "A LongLoRA adapter"
@@ -124,8 +137,8 @@ def render_model_card(
         base_model=f"`{base_model}`" if base_model else NOT_RECORDED,
         original_context_length=config.original_context_length or NOT_RECORDED,
         target_context_length=config.target_context_length or NOT_RECORDED,
-        rope_type=config.rope_type,
-        position_interpolation_factor=f"{factor:g}" if factor is not None else NOT_RECORDED,
+        original_rope=describe_rope(config.original_rope_parameters) if config.original_rope_parameters else NOT_RECORDED,
+        position_extension=position_extension(config),
         group_size_ratio=f"{config.group_size} tokens" if config.group_size else config.group_size_ratio,
         r=config.r,
         lora_alpha=config.lora_alpha,

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..tuner.position_interpolation import context_length
+
 PROTOCOLS = ("longlora", "strided")
 
 
@@ -71,7 +73,7 @@ def longlora_window_starts(n_tokens: int, context_length: int, stride: int = 256
 
 def _model_context(model) -> int | None:
     config = getattr(model, "config", None)
-    return getattr(config, "max_position_embeddings", None) if config is not None else None
+    return context_length(config) if config is not None else None
 
 
 def _check_context_lengths(model, stream: torch.Tensor, context_lengths, beyond_context: str, vocab_size) -> None:
@@ -96,7 +98,7 @@ def _check_context_lengths(model, stream: torch.Tensor, context_lengths, beyond_
         if limit is not None and length > limit:
             message = (
                 f"context length {length} is beyond the model's context of {limit} tokens "
-                "(max_position_embeddings, after any position interpolation)."
+                "(after any position extension; README: 'Position extension, scheme by scheme')."
             )
             if beyond_context == "error":
                 raise ValueError(message + " Pass beyond_context='warn' to evaluate it anyway.")

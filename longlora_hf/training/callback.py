@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from transformers import TrainerCallback
 
 from ..attention import S2_ATTN_IMPLEMENTATION, S2AttentionSettings
+from ..tuner import longlora_config_of
+from ..tuner.position_interpolation import context_length, describe_rope, rope_parameters_of
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +25,7 @@ class LongLoraReport:
     groups: int | None
     context_length: int | None
     position_interpolation_factor: float
+    rope: str
     trainable: dict[str, int] = field(default_factory=dict)
 
     def __str__(self) -> str:
@@ -31,8 +34,8 @@ class LongLoraReport:
             attention = f"S2-Attn on: group size {self.group_size}, {self.groups} groups at max_length {self.max_length}"
         counts = ", ".join(f"{name} {count:,}" for name, count in self.trainable.items())
         return (
-            f"LongLoRA: {attention}; context {self.context_length} tokens (RoPE factor "
-            f"{self.position_interpolation_factor:g}); trainable parameters: {counts}"
+            f"LongLoRA: {attention}; context {self.context_length} tokens (extended x"
+            f"{self.position_interpolation_factor:g}, RoPE {self.rope}); trainable parameters: {counts}"
         )
 
 
@@ -84,7 +87,7 @@ class LongLoraCallback(TrainerCallback):
                 "Use get_peft_model(model, LongLoraConfig(...)) or longlora_hf.use_s2_attention(model)."
             )
         max_length = self.max_length or getattr(args, "max_length", None)
-        context = getattr(config, "max_position_embeddings", None)
+        context = context_length(config)
         group_size = groups = None
         if runs_s2 and max_length:
             group_size = S2AttentionSettings.from_config(base.config).group_size_for(max_length)
@@ -99,17 +102,16 @@ class LongLoraCallback(TrainerCallback):
                 f"max_length {max_length} is beyond the model's context of {context} tokens "
                 "(after position interpolation). Set target_context_length >= max_length in LongLoraConfig."
             )
-        rope = getattr(config, "rope_parameters", None) or {}
-        factor = float(rope.get("factor", 1.0)) if rope.get("rope_type") not in (None, "default") else 1.0
-        self.report = LongLoraReport(runs_s2, max_length, group_size, groups, context, factor, _trainable_by_kind(model))
+        longlora = longlora_config_of(model)
+        factor = (longlora.position_interpolation_factor if longlora else None) or 1.0
+        rope = describe_rope(rope_parameters_of(config))
+        self.report = LongLoraReport(runs_s2, max_length, group_size, groups, context, factor, rope, _trainable_by_kind(model))
         if state.is_world_process_zero:
             logger.warning(str(self.report))
 
     def on_push_begin(self, args, state, control, model=None, **kwargs):
         """A push from a plain `Trainer`/`SFTTrainer` publishes that trainer's card (written after the adapter is
         saved, out of a callback's reach): say so, once, and how to publish the LongLoRA card instead."""
-        from ..tuner import longlora_config_of
-
         if self.trainer_writes_card or self._said_card or not state.is_world_process_zero or longlora_config_of(model) is None:
             return
         self._said_card = True

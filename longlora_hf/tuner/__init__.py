@@ -7,13 +7,21 @@ from peft.utils import PeftType, register_peft_method
 from .config import PEFT_TYPE, LongLoraConfig, longlora_config_of
 from .export import save_as_plain_lora
 from .model import LongLoraModel, prepare_model_for_longlora
-from .position_interpolation import PositionInterpolation, apply_position_interpolation, plan_position_interpolation
+from .position_interpolation import (
+    PositionInterpolation,
+    apply_position_interpolation,
+    context_length,
+    describe_rope,
+    plan_position_interpolation,
+)
 
 __all__ = [
     "LongLoraConfig",
     "LongLoraModel",
     "PositionInterpolation",
     "apply_position_interpolation",
+    "context_length",
+    "describe_rope",
     "longlora_config_of",
     "plan_position_interpolation",
     "prepare_model_for_longlora",

@@ -7,8 +7,10 @@ from dataclasses import dataclass, field
 from peft import LoraConfig
 from peft.utils import PeftType
 
-from ..attention import S2AttentionSettings
+from ..attention import S2AttentionSettings, inner_attn_implementation_for, s2_field
 from .position_interpolation import ROPE_TYPES
+
+S2_SETTINGS_FIELDS = ("group_size_ratio", "group_size", "shift")
 
 PEFT_TYPE = "LONGLORA"
 
@@ -20,14 +22,18 @@ class LongLoraConfig(LoraConfig):
     Section 3.2) at a context extended by position interpolation.
 
     `get_peft_model(model, LongLoraConfig(target_context_length=32768))`:
-    1. rescales RoPE linearly by `ceil(target / current context)` (the reference code's rule) and raises
-       `max_position_embeddings`; both are recorded here and restored whenever the adapter is loaded;
+    1. extends the model's own RoPE scheme by `s = ceil(target / current context)` when the target exceeds the
+       context the model already handles (plain RoPE: linear position interpolation, the reference code's
+       rule; llama3/yarn/dynamic/linear: their factor grows; longrope: its long factors; Gemma 3: the
+       full-attention layers), and raises `max_position_embeddings`; the RoPE before and after are recorded
+       here and restored exactly whenever the adapter is loaded;
     2. puts LoRA on the attention projections, found per architecture (`q_proj/k_proj/v_proj/o_proj`,
        fused `query_key_value`/`qkv_proj` and `dense`, ...) unless `target_modules` is given;
     3. makes the input embedding and every normalization layer trainable and saved with the adapter
        (`modules_to_save`), found by module type, so architectures nobody listed work too; tied
        input/output embeddings stay tied;
-    4. switches the model to `attn_implementation="s2"` with the configured group size.
+    4. switches the model to `attn_implementation="s2"` with the S2 settings here (group size, shift, and the
+       inner kernel: by default the attention the model was loaded with, so `flash_attention_2` stays flash).
 
     A model loaded for inference (`PeftModel.from_pretrained`, `AutoPeftModelForCausalLM`) gets the
     position interpolation back and runs dense attention. Defaults are the paper's.
@@ -40,29 +46,34 @@ class LongLoraConfig(LoraConfig):
     target_context_length: int | None = field(
         default=None,
         metadata={
-            "help": "The context length to train for, in tokens. When it exceeds the model's current context "
-            "(max_position_embeddings times any existing linear RoPE factor), RoPE is interpolated by "
-            "ceil(target / current). None keeps the model's positions."
+            "help": "The context length to train for, in tokens. When it exceeds the context the model already "
+            "handles (Llama-3.1: 131072, not the 8192 its llama3 RoPE scaling started from), the model's own RoPE "
+            "scheme is extended by s = ceil(target / current context): plain RoPE by linear position interpolation "
+            "(the paper's), linear/llama3/yarn/dynamic by growing their factor, longrope by scaling its long factors, "
+            "per-layer-type RoPE (Gemma 3) on its full-attention layers. At or below it nothing changes. None keeps "
+            "the model's positions. README: 'Position extension, scheme by scheme'."
         },
     )
-    rope_type: str = field(
-        default="linear",
+    rope_type: str | None = field(
+        default=None,
         metadata={
-            "help": "How RoPE is extended: 'linear' position interpolation (the paper's), or transformers' "
-            "'dynamic' (NTK) or 'yarn' scaling with the same factor."
+            "help": "None (default): extend the model's own RoPE scheme. On a model with plain RoPE, 'linear' (the "
+            "paper's), 'dynamic' (NTK) or 'yarn' choose the extension; on a model whose RoPE is already scaled, a "
+            "type other than its own is refused, since it would replace that scaling."
         },
     )
     use_s2_attn: bool = field(
         default=True,
         metadata={"help": "Train with shifted sparse attention (attn_implementation='s2'). Inference is always dense."},
     )
-    group_size_ratio: float = field(
-        default=0.25,
-        metadata={"help": "S2-Attn group size as a fraction of each sequence's length, in (0, 1]. The paper: 1/4."},
-    )
-    group_size: int | None = field(
+    group_size_ratio: float = s2_field("group_size_ratio")
+    group_size: int | None = s2_field("group_size")
+    shift: bool = s2_field("shift")
+    inner_attn_implementation: str | None = s2_field(
+        "inner_attn_implementation",
         default=None,
-        metadata={"help": "Absolute S2-Attn group size in tokens (at least 2); overrides group_size_ratio."},
+        help_prefix="None (default): the attention the model was loaded with, 'flash_attention_2' staying flash-attn "
+        "and anything else 'sdpa'. ",
     )
     trainable_embeddings: bool = field(
         default=True,
@@ -74,11 +85,22 @@ class LongLoraConfig(LoraConfig):
     )
     original_context_length: int | None = field(
         default=None,
-        metadata={"help": "Recorded by get_peft_model: the context the base model's RoPE handled before."},
+        metadata={"help": "Recorded by get_peft_model: the context the base model handled before (its current context)."},
     )
     position_interpolation_factor: float | None = field(
         default=None,
-        metadata={"help": "Recorded by get_peft_model: the RoPE factor the adapter was trained with (1.0: none)."},
+        metadata={"help": "Recorded by get_peft_model: the extension s over the base model's own RoPE scheme (1.0: none)."},
+    )
+    original_rope_parameters: dict | None = field(
+        default=None,
+        metadata={"help": "Recorded by get_peft_model: the base model's rope_parameters before the extension."},
+    )
+    rope_parameters: dict | None = field(
+        default=None,
+        metadata={
+            "help": "Recorded by get_peft_model: the rope_parameters the adapter was trained with; loading the adapter "
+            "restores exactly these, and refuses a base whose RoPE is not the recorded original."
+        },
     )
 
     def __post_init__(self):
@@ -93,9 +115,11 @@ class LongLoraConfig(LoraConfig):
                 f"target_context_length must be a positive integer number of tokens; got "
                 f"{self.target_context_length!r}. Use e.g. 32768, or None to keep the model's positions."
             )
-        if self.rope_type not in ROPE_TYPES:
-            raise ValueError(f"rope_type must be one of {ROPE_TYPES}; got {self.rope_type!r}.")
-        self.s2_attention_settings()  # validates group_size_ratio and group_size
+        if self.rope_type is not None and self.rope_type not in ROPE_TYPES:
+            raise ValueError(
+                f"rope_type must be None (extend the model's own scheme) or one of {ROPE_TYPES}; got {self.rope_type!r}."
+            )
+        self.s2_attention_settings()  # validates every S2 field
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
         """Save the config, and the LongLoRA model card as README.md in place of PEFT's generic one
@@ -105,8 +129,11 @@ class LongLoraConfig(LoraConfig):
 
         write_model_card(save_directory, self)
 
-    def s2_attention_settings(self) -> S2AttentionSettings:
-        return S2AttentionSettings(group_size_ratio=self.group_size_ratio, group_size=self.group_size)
+    def s2_attention_settings(self, model_attn_implementation: str | None = None) -> S2AttentionSettings:
+        """The S2-Attn settings this config gives a model loaded with `model_attn_implementation` (an unset
+        inner kernel follows it)."""
+        inner = self.inner_attn_implementation or inner_attn_implementation_for(model_attn_implementation)
+        return S2AttentionSettings(**{name: getattr(self, name) for name in S2_SETTINGS_FIELDS}, inner_attn_implementation=inner)
 
 
 def longlora_config_of(model) -> LongLoraConfig | None:

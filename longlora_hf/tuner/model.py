@@ -9,7 +9,7 @@ from torch import nn
 
 from ..attention import S2_ATTN_IMPLEMENTATION, check_s2_compatible, use_s2_attention
 from .config import LongLoraConfig
-from .position_interpolation import apply_position_interpolation
+from .position_interpolation import describe_rope, plan_position_interpolation, rope_parameters_of, set_rope_parameters
 
 
 def attention_projection_names(model: nn.Module) -> list[str]:
@@ -110,11 +110,41 @@ def prepare_model_for_longlora(model: nn.Module, config: LongLoraConfig) -> None
         config.ensure_weight_tying = True
 
     if config.target_context_length is not None:
-        plan = apply_position_interpolation(model, config.target_context_length, config.rope_type)
-        if config.position_interpolation_factor is None:
-            config.original_context_length = plan.original_context_length
-            config.position_interpolation_factor = plan.factor
+        extend_positions(model, config)
     if train_s2:
-        use_s2_attention(model, group_size_ratio=config.group_size_ratio, group_size=config.group_size)
+        use_s2_attention(
+            model,
+            group_size_ratio=config.group_size_ratio,
+            group_size=config.group_size,
+            shift=config.shift,
+            inner_attn_implementation=config.inner_attn_implementation,
+        )
     elif model.config._attn_implementation == S2_ATTN_IMPLEMENTATION:
         model.set_attn_implementation("sdpa")
+
+
+def extend_positions(model: nn.Module, config: LongLoraConfig) -> None:
+    """Give the base model the RoPE of `config.target_context_length` and record it in `config`.
+
+    A new config records the plan (RoPE before and after, the context before, the factor). A config loaded
+    with an adapter restores exactly the RoPE it recorded, on a base whose RoPE is the recorded original
+    (or already the recorded result: a second adapter of the same extension); any other base is refused,
+    since the adapter's weights were trained for other positions.
+    """
+    now = rope_parameters_of(model.config)
+    if config.rope_parameters is not None and now == config.rope_parameters:
+        return
+    plan = plan_position_interpolation(model.config, config.target_context_length, config.rope_type)
+    if config.original_rope_parameters is not None and plan.original_rope_parameters != config.original_rope_parameters:
+        raise ValueError(
+            f"This adapter was trained over RoPE {describe_rope(config.original_rope_parameters)} extended to "
+            f"{describe_rope(config.rope_parameters)}, but the base model has {describe_rope(now)}. Load it on the base "
+            "model it was trained from (its base_model_name_or_path), or unload the adapter that changed the RoPE first."
+        )
+    if config.rope_parameters is None:
+        config.original_context_length = plan.original_context_length
+        config.position_interpolation_factor = plan.factor
+        config.original_rope_parameters = plan.original_rope_parameters
+        config.rope_parameters = plan.rope_parameters
+    if plan.changes_the_model or config.rope_parameters != plan.original_rope_parameters:
+        set_rope_parameters(model, config.rope_parameters, plan.max_position_embeddings)

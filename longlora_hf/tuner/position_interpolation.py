@@ -1,125 +1,258 @@
-"""Position interpolation of RoPE (Chen et al., 2023), as LongLoRA uses it to reach a longer context.
+"""Position extension of RoPE for LongLoRA: every scheme transformers ships, extended by its own rule.
 
-The rule follows the reference training code: when the target context exceeds the model's current
-context, RoPE positions are scaled linearly by `ceil(target / current)`. The current context is
-`max_position_embeddings` times any linear factor the model already has (or, once this module has
-interpolated it, the recorded `original_max_position_embeddings` times the factor), so interpolating
-an already interpolated model composes the factors instead of starting over.
+The paper extends Llama-2 (plain RoPE) by linear position interpolation (Chen et al., 2023): positions
+are divided by `s = ceil(target / current context)`, as the reference training code does. Models of 2026
+often come with RoPE that is already scaled. Here, for each `rope_type`:
+
+- the *current context* is the context the model already handles (`context_length`);
+- a target at or below it changes nothing (the factor is 1.0);
+- a target above it extends the model's *own* scheme by `s` (`extend_rope_parameters`):
+
+    scheme        current context                                         extension by s
+    default       max_position_embeddings                                 linear, factor s (the paper)
+    linear        original_max_position_embeddings (else max_position_    factor x s
+                  embeddings) x factor
+    proportional  max_position_embeddings                                 factor x s (linear on the rotated dims)
+    dynamic       max_position_embeddings x factor (dynamic NTK keeps     factor x s; max_position_embeddings,
+                  max_position_embeddings as its unscaled length)         its unscaled length, stays
+    yarn          max(max_position_embeddings,                            factor x s over the same original:
+                  original_max_position_embeddings x factor)              its extrapolated (high-frequency)
+                                                                          dimensions stay untouched
+    llama3        max_position_embeddings (Llama-3.1: 131072)             factor x s over the same original:
+                                                                          high-frequency dimensions untouched
+    longrope      max_position_embeddings (Phi-3.5: 131072)               long_factor x s, attention factor kept:
+                                                                          sequences up to the original context
+                                                                          (short factors) are untouched; a long
+                                                                          one at position p*s sees what p saw
+    per layer     max_position_embeddings (Gemma 3: 131072)               each layer type by its own scheme
+    type                                                                  above, except sliding-window layers,
+                                                                          whose distances never exceed the window
+
+Whatever changes, `max_position_embeddings` becomes the new context (dynamic excepted, see above) and
+every rotary module is rebuilt, since rotary modules compute their frequencies when they are built.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
 import torch
 
 ROPE_TYPES = ("linear", "dynamic", "yarn")
+"""The schemes `rope_type=` can create on a model with plain RoPE (None: the paper's linear)."""
+
+EXTENDABLE_ROPE_TYPES = ("default", "linear", "proportional", "dynamic", "yarn", "llama3", "longrope")
+SLIDING_LAYER_TYPE = "sliding_attention"
 
 
 @dataclass(frozen=True)
 class PositionInterpolation:
-    """A model's RoPE extension for a target context: `factor` is the total factor over the
-    `original_context_length` the RoPE was trained at (1.0: none); `changes_the_model` says whether the
-    model needs rescaling to reach it."""
+    """What reaching `target_context_length` takes on one model (nothing is changed by planning).
+
+    `original_context_length`: the context the model handled before; `factor`: the extension s over the
+    model's own scheme (1.0: none needed); `original_rope_parameters` / `rope_parameters`: the model's
+    `rope_parameters` before and after; `max_position_embeddings`: the value after.
+    """
 
     original_context_length: int
     target_context_length: int
     factor: float
-    rope_type: str
-    changes_the_model: bool
+    original_rope_parameters: dict
+    rope_parameters: dict
+    max_position_embeddings: int
+
+    @property
+    def changes_the_model(self) -> bool:
+        return self.factor > 1.0
+
+    @property
+    def rope_type(self) -> str:
+        """The scheme after extension (for per-layer-type RoPE, the full-attention layers' scheme)."""
+        return _main_scheme(self.rope_parameters)["rope_type"]
 
 
 def _text_config(config):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
+def _is_per_layer_type(parameters: dict) -> bool:
+    return "rope_type" not in parameters and bool(parameters) and all(isinstance(v, dict) or v is None for v in parameters.values())
+
+
+def _main_scheme(parameters: dict) -> dict:
+    if not _is_per_layer_type(parameters):
+        return parameters
+    extended = [v for k, v in parameters.items() if k != SLIDING_LAYER_TYPE and v is not None]
+    return extended[0] if extended else {"rope_type": "default"}
+
+
 def rope_parameters_of(config) -> dict | None:
-    """The model's RoPE settings, or None when it has no rotary position embeddings."""
+    """A copy of the model's RoPE settings (flat, or one dict per layer type), or None without RoPE."""
+    parameters = getattr(_text_config(config), "rope_parameters", None)
+    return copy.deepcopy(dict(parameters)) if parameters else None
+
+
+def _scheme_context(parameters: dict, max_positions: int) -> int:
+    rope_type = parameters.get("rope_type", "default")
+    factor = float(parameters.get("factor") or 1.0)
+    if rope_type in ("default", "proportional", "llama3", "longrope"):
+        return max_positions
+    if rope_type == "linear":
+        return int(parameters.get("original_max_position_embeddings", max_positions) * factor)
+    if rope_type == "dynamic":
+        return int(max_positions * factor)
+    if rope_type == "yarn":
+        return max(max_positions, int(parameters.get("original_max_position_embeddings", max_positions) * factor))
+    raise ValueError(
+        f"RoPE type {rope_type!r} is not one LongLoRA knows how to extend ({', '.join(EXTENDABLE_ROPE_TYPES)}). "
+        "Pass target_context_length=None to train at the model's own context."
+    )
+
+
+def context_length(config) -> int | None:
+    """The context the model handles now, in tokens, by the rules in this module's docstring (models without
+    RoPE: `max_position_embeddings`)."""
     config = _text_config(config)
-    parameters = getattr(config, "rope_parameters", None)
-    if parameters is None:
-        return None
-    if isinstance(parameters, dict) and "rope_type" not in parameters and all(isinstance(v, dict) for v in parameters.values()):
-        raise ValueError(
-            f"{type(config).__name__} keeps separate RoPE settings per layer type ({sorted(parameters)}); "
-            "position interpolation of such models is not supported. Pass target_context_length=None."
+    max_positions = getattr(config, "max_position_embeddings", None)
+    parameters = rope_parameters_of(config)
+    if parameters is None or max_positions is None or _is_per_layer_type(parameters):
+        return max_positions
+    return _scheme_context(parameters, max_positions)
+
+
+def describe_rope(parameters: dict | None) -> str:
+    """A one-line account of RoPE settings, for cards and reports: 'llama3 (factor 8, original 8192, theta 500000)'."""
+    if not parameters:
+        return "none"
+    if _is_per_layer_type(parameters):
+        return "; ".join(f"{layer}: {describe_rope(p)}" for layer, p in parameters.items() if p is not None)
+    details = [
+        f"{label} {parameters[key]:g}" if isinstance(parameters[key], (int, float)) else f"{label} {len(parameters[key])} values"
+        for key, label in (
+            ("factor", "factor"),
+            ("original_max_position_embeddings", "original"),
+            ("long_factor", "long factors"),
+            ("attention_factor", "attention factor"),
+            ("rope_theta", "theta"),
         )
-    return dict(parameters)
+        if parameters.get(key) is not None
+    ]
+    return f"{parameters.get('rope_type', 'default')} ({', '.join(details)})" if details else parameters.get("rope_type", "default")
 
 
-def current_context_length(config) -> tuple[int, float]:
-    """(context the model handles now, its existing linear factor)."""
-    config = _text_config(config)
-    parameters = rope_parameters_of(config) or {}
-    factor = float(parameters.get("factor", 1.0)) if parameters.get("rope_type") == "linear" else 1.0
-    base = parameters.get("original_max_position_embeddings", config.max_position_embeddings)
-    return int(base * factor), factor
+def _longrope_attention_factor(parameters: dict, max_positions: int) -> float:
+    # transformers' rule (modeling_rope_utils._compute_longrope_parameters), kept fixed by the extension
+    original = parameters["original_max_position_embeddings"]
+    factor = parameters.get("factor") or max_positions / original
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
 
 
-def plan_position_interpolation(config, target_context_length: int, rope_type: str = "linear") -> PositionInterpolation:
-    """The interpolation `target_context_length` needs on a model with this config (nothing is changed)."""
+def _extend_scheme(parameters: dict, step: float, current: int, max_positions: int, rope_type: str | None, flat: bool) -> dict:
+    """One RoPE scheme extended by `step` (see the table in the module docstring)."""
+    own = parameters.get("rope_type", "default")
+    extended = dict(parameters)
+    if own == "default":
+        new_type = rope_type or "linear"
+        extended.update(rope_type=new_type, factor=step)
+        if new_type == "yarn" or (new_type == "linear" and flat):
+            extended["original_max_position_embeddings"] = current
+    elif own == "longrope":
+        extended.setdefault("attention_factor", _longrope_attention_factor(parameters, max_positions))
+        extended["long_factor"] = [value * step for value in parameters["long_factor"]]
+    else:
+        extended["factor"] = float(parameters.get("factor") or 1.0) * step
+        if own == "linear" and flat:
+            extended.setdefault("original_max_position_embeddings", max_positions)
+    return extended
+
+
+def _check_rope_type(rope_type: str | None, parameters: dict, owner: str) -> None:
+    if rope_type is not None and rope_type not in ROPE_TYPES:
+        raise ValueError(f"rope_type must be None (extend the model's own scheme) or one of {ROPE_TYPES}; got {rope_type!r}.")
+    schemes = parameters.values() if _is_per_layer_type(parameters) else [parameters]
+    for scheme in schemes:
+        own = (scheme or {}).get("rope_type", "default")
+        if own not in EXTENDABLE_ROPE_TYPES:
+            _scheme_context(scheme, 0)  # raises, naming the type
+        if rope_type is not None and own != "default" and own != rope_type:
+            raise ValueError(
+                f"rope_type={rope_type!r} would replace {owner}'s own RoPE scaling, {describe_rope(scheme)}, and change "
+                f"what the model computes at every length. Leave rope_type unset (None) to extend the model's own "
+                f"{own!r} scheme, which keeps what it leaves untouched."
+            )
+
+
+def plan_position_interpolation(config, target_context_length: int, rope_type: str | None = None) -> PositionInterpolation:
+    """What reaching `target_context_length` takes on a model with this config (nothing is changed).
+
+    `rope_type=None` extends the model's own scheme; 'linear', 'dynamic' or 'yarn' choose the scheme for a
+    model with plain RoPE, and are refused where they would replace another scheme.
+    """
     if isinstance(target_context_length, bool) or not isinstance(target_context_length, int) or target_context_length <= 0:
         raise ValueError(
             f"target_context_length must be a positive integer number of tokens; got {target_context_length!r}. "
             "Use e.g. 32768, or None to keep the model's positions."
         )
-    if rope_type not in ROPE_TYPES:
-        raise ValueError(f"rope_type must be one of {ROPE_TYPES}; got {rope_type!r}.")
-    if rope_parameters_of(config) is None:
-        raise ValueError(
-            f"{type(_text_config(config)).__name__} has no rotary position embeddings (RoPE): it uses learned absolute "
-            "positions or ALiBi, which position interpolation cannot extend. Pass target_context_length=None "
-            "(LoRA+ and S2-Attn still apply) or choose a RoPE model."
-        )
-    current, existing_factor = current_context_length(config)
-    if target_context_length <= current:
-        original = int(current / existing_factor)
-        return PositionInterpolation(original, target_context_length, existing_factor, rope_type, False)
-    step = float(math.ceil(target_context_length / current))
-    if rope_type == "linear":
-        factor = existing_factor * step
-        original = int(current / existing_factor)
-    else:
-        if existing_factor != 1.0:
-            raise ValueError(
-                f"The model already has a linear RoPE factor of {existing_factor}; rope_type={rope_type!r} cannot be "
-                "stacked on it. Use rope_type='linear'."
-            )
-        factor, original = step, current
-    return PositionInterpolation(original, target_context_length, factor, rope_type, True)
-
-
-def apply_position_interpolation(model: torch.nn.Module, target_context_length: int, rope_type: str = "linear") -> PositionInterpolation:
-    """Rescale the model's RoPE for `target_context_length` (in place) and return what was done.
-
-    Writes `rope_parameters` (type, factor, original context) and raises `max_position_embeddings` on the
-    config, then rebuilds every rotary embedding module from the new config, since they compute their
-    frequencies when they are built.
-    """
-    config = _text_config(model.config)
-    plan = plan_position_interpolation(config, target_context_length, rope_type)
-    if not plan.changes_the_model:
-        return plan
+    config = _text_config(config)
+    owner = type(config).__name__
     parameters = rope_parameters_of(config)
-    parameters.update(
-        rope_type=plan.rope_type, factor=plan.factor, original_max_position_embeddings=plan.original_context_length
-    )
-    config.rope_parameters = parameters
-    config.max_position_embeddings = max(config.max_position_embeddings, target_context_length)
-    _rebuild_rotary_embeddings(model, config)
+    if parameters is None:
+        raise ValueError(
+            f"{owner} has no rotary position embeddings (RoPE): it uses learned absolute positions or ALiBi, which "
+            "position interpolation cannot extend. Pass target_context_length=None (LoRA+ and S2-Attn still apply) "
+            "or choose a RoPE model."
+        )
+    _check_rope_type(rope_type, parameters, owner)
+    max_positions = config.max_position_embeddings
+    current = context_length(config)
+    if target_context_length <= current:
+        return PositionInterpolation(current, target_context_length, 1.0, parameters, parameters, max_positions)
+    step = float(math.ceil(target_context_length / current))
+    if _is_per_layer_type(parameters):
+        if getattr(config, "sliding_window", None) is None and SLIDING_LAYER_TYPE in parameters:
+            raise ValueError(f"{owner} has RoPE for {SLIDING_LAYER_TYPE!r} layers but no sliding_window: cannot tell their reach.")
+        extended = {
+            layer: scheme if layer == SLIDING_LAYER_TYPE or scheme is None
+            else _extend_scheme(scheme, step, current, max_positions, rope_type, flat=False)
+            for layer, scheme in parameters.items()
+        }
+        new_max = int(current * step)
+    else:
+        extended = _extend_scheme(parameters, step, current, max_positions, rope_type, flat=True)
+        new_max = max_positions if extended["rope_type"] == "dynamic" else int(current * step)
+    return PositionInterpolation(current, target_context_length, step, parameters, extended, new_max)
+
+
+def apply_position_interpolation(model: torch.nn.Module, target_context_length: int, rope_type: str | None = None) -> PositionInterpolation:
+    """Extend the model's RoPE for `target_context_length` (in place) and return what was done."""
+    plan = plan_position_interpolation(model.config, target_context_length, rope_type)
+    if plan.changes_the_model:
+        set_rope_parameters(model, plan.rope_parameters, plan.max_position_embeddings)
     return plan
 
 
-def _rebuild_rotary_embeddings(model: torch.nn.Module, config) -> None:
-    rotary = [(name, module) for name, module in model.named_modules() if hasattr(module, "inv_freq") and hasattr(module, "rope_type")]
+def set_rope_parameters(model: torch.nn.Module, rope_parameters: dict, max_position_embeddings: int) -> None:
+    """Write `rope_parameters` and `max_position_embeddings` on the model's (text) config and rebuild every
+    rotary module of that config from it."""
+    config = _text_config(model.config)
+    rotary = [
+        (name, module)
+        for name, module in model.named_modules()
+        if hasattr(module, "rope_type")
+        and getattr(module, "config", config) is config
+        and any(buffer.endswith("inv_freq") for buffer, _ in module.named_buffers(recurse=False))
+    ]
     if not rotary:
         raise ValueError(
-            f"Found no rotary embedding module (one with `inv_freq`) in {type(model).__name__}; cannot apply "
-            "position interpolation. Pass target_context_length=None."
+            f"Found no rotary embedding module (one with `inv_freq`) in {type(model).__name__}; cannot extend its "
+            "positions. Pass target_context_length=None."
         )
+    config.rope_parameters = copy.deepcopy(rope_parameters)
+    config.max_position_embeddings = max_position_embeddings
     for name, module in rotary:
         parent_name, _, attribute = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        rebuilt = type(module)(config=config).to(module.inv_freq.device)
-        setattr(parent, attribute, rebuilt)
+        device = next(module.buffers()).device
+        setattr(parent, attribute, type(module)(config=config).to(device))
