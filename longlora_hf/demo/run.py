@@ -185,13 +185,9 @@ def run_ablations(tokenizer, rows, steps, learning_rate, texts, target, stride, 
     """Small-scale Tables 1, 3 and 11: same data and steps, evaluated with dense attention at 8x."""
     from peft import get_peft_model
 
-    from ..attention import use_s2_attention
-
-    def train_and_measure(name, shift=True, **config):
+    def train_and_measure(name, **config):
         base, _ = load_base()
         model = get_peft_model(base, LongLoraConfig(target_context_length=target, **config))
-        if not shift:  # Table 1's "short attention": the groups of pattern 1 in every head
-            use_s2_attention(model.get_base_model(), group_size_ratio=model.peft_config["default"].group_size_ratio, shift=False)
         model, _, seconds, peak = fine_tune(model, tokenizer, None, rows, steps, learning_rate, out_dir / "ablation")
         ppl = measure(model, tokenizer, texts, [target], stride, 0)["perplexity"][target]
         speed = steps * target / seconds
