@@ -190,6 +190,16 @@ def tiny_model(name: str, seed: int = 0, **overrides) -> transformers.PreTrained
     return model.eval()
 
 
+def trained(model):
+    """Move every trainable weight away from its initial value, as training would (in place; returns the model)."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    return model
+
+
 def shadow_longlora_hf(tmp_path) -> str:
     """A PYTHONPATH entry under which `import longlora_hf` fails, as on a machine without the package."""
     shadow = tmp_path / "shadow" / "longlora_hf"

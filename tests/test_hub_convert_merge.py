@@ -12,7 +12,7 @@ import textwrap
 import pytest
 import torch
 import transformers
-from conftest import shadow_longlora_hf, tiny_model
+from conftest import shadow_longlora_hf, tiny_model, trained
 from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
@@ -24,12 +24,6 @@ def ids():
     return torch.randint(4, 128, (2, 40), generator=torch.Generator().manual_seed(2))
 
 
-def perturb(model):
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.requires_grad:
-                parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
 
 
 # The LoRA targets the reference code (dvlab-research/LongLoRA, fine-tune.py) puts on each architecture.
@@ -48,7 +42,7 @@ def write_reference_checkpoint(tmp_path, architecture="llama", **overrides):
     tiny_model(architecture, **overrides).save_pretrained(base_dir)
     base = transformers.AutoModelForCausalLM.from_pretrained(base_dir)
     model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=REFERENCE_TARGETS[architecture]))
-    perturb(model)
+    trained(model)
     checkpoint = tmp_path / "reference"
     model.save_pretrained(checkpoint, safe_serialization=False)
     old_names = TRANSFORMERS_4_NAMES.get(architecture, {})
@@ -112,7 +106,7 @@ def test_merge_writes_a_model_plain_transformers_loads_with_the_same_logits(tmp_
     base_dir = tmp_path / "base"
     tiny_model("llama").save_pretrained(base_dir)
     model = get_peft_model(tiny_model("llama"), LongLoraConfig(target_context_length=1024))
-    perturb(model)
+    trained(model)
     model.save_pretrained(tmp_path / "adapter")
     expected = model.eval()(ids()).logits
     assert cli_main(["merge", "--base", str(base_dir), "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged")]) == 0

@@ -13,6 +13,7 @@ import json
 import pytest
 import torch
 import transformers
+from conftest import trained
 from peft import AutoPeftModelForCausalLM, get_peft_model
 
 from longlora_hf import LongLoraConfig, save_as_plain_lora
@@ -243,13 +244,6 @@ def ids():
     return torch.randint(4, 128, (2, 24), generator=torch.Generator().manual_seed(2))
 
 
-def trained(model):
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.requires_grad:
-                parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
-    return model
 
 
 @pytest.mark.parametrize("name", SCHEMES)

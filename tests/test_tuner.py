@@ -12,7 +12,7 @@ from dataclasses import fields
 import pytest
 import torch
 import transformers
-from conftest import shadow_longlora_hf, tiny_model
+from conftest import shadow_longlora_hf, tiny_model, trained
 from peft import AutoPeftModelForCausalLM, LoraConfig, PeftConfig, PeftModel, get_peft_model
 from torch import nn
 
@@ -29,14 +29,6 @@ def make_base(arch, seed=0):
     return tiny_model(arch, seed=seed)
 
 
-def trained(model):
-    """Move every trainable weight away from its initial value, as training would."""
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.requires_grad:
-                parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
-    return model
 
 
 def ids(n=40):
