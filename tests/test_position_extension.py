@@ -289,3 +289,43 @@ def test_an_adapter_is_refused_on_a_base_with_other_rope(tmp_path):
 
     with pytest.raises(ValueError, match=r"trained over RoPE llama3 \(factor 8.*but the base model has llama3 \(factor 4"):
         PeftModel.from_pretrained(other, tmp_path / "adapter")
+
+
+@pytest.mark.parametrize(
+    "name,target,expected",
+    [
+        # what longlora_hf 0.1.0 did: linear over max_position_embeddings (or a recorded original) times a linear factor
+        ("llama2-default", 16384, ({"rope_type": "linear", "factor": 4.0, "original_max_position_embeddings": 4096, "rope_theta": 10000.0}, 16384)),
+        # ... and over any other scheme, which it replaced (llama3's keys left in place): Llama-3.1 read as 8192 tokens
+        ("llama3.1", 32768, ({**LLAMA3, "rope_type": "linear", "factor": 4.0}, 131072)),
+        ("llama3.1", 8192, None),
+    ],
+)
+def test_an_adapter_saved_by_the_previous_version_reloads_with_the_rope_it_was_trained_at(name, target, expected, tmp_path):
+    build, _, _ = SCHEMES[name]
+    base = model_of(build())
+    base.save_pretrained(tmp_path / "base")
+    get_peft_model(model_of(build()), LongLoraConfig(target_context_length=target, use_s2_attn=False)).save_pretrained(tmp_path / "adapter")
+    path = tmp_path / "adapter" / "adapter_config.json"
+    saved = json.loads(path.read_text())
+    for key in ("original_rope_parameters", "rope_parameters", "shift", "inner_attn_implementation"):
+        saved.pop(key)  # the 0.1.0 format: rope_type "linear" and the factor recorded, no RoPE
+    saved.update(rope_type="linear", position_interpolation_factor=4.0, base_model_name_or_path=str(tmp_path / "base"))
+    path.write_text(json.dumps(saved))
+    reloaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter").get_base_model().config
+    if expected is None:
+        assert (reloaded.rope_parameters, reloaded.max_position_embeddings) == (base.config.rope_parameters, base.config.max_position_embeddings)
+    else:
+        assert (reloaded.rope_parameters, reloaded.max_position_embeddings) == expected
+
+
+def test_dynamic_ntk_on_per_layer_type_rope_is_refused_since_it_would_extend_nothing():
+    base = model_of(gemma3({**GEMMA3, "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}}, 32768))
+    with pytest.raises(ValueError, match="dynamic NTK reads that same value as its unscaled length"):
+        get_peft_model(base, LongLoraConfig(target_context_length=65536, rope_type="dynamic", use_s2_attn=False))
+
+
+def test_linear_scaling_without_a_recorded_original_says_how_it_was_read():
+    base = model_of(linear())
+    with pytest.warns(UserWarning, match=r"read as the reference LongLoRA convention .* handles 8192 tokens.*original_max_position_embeddings'\] = 2048"):
+        get_peft_model(base, LongLoraConfig(target_context_length=16384, use_s2_attn=False))

@@ -42,9 +42,9 @@ def check_s2_compatible(model: torch.nn.Module) -> None:
     """Raise a clear error when S2-Attn cannot run on `model`."""
     if not getattr(type(model), "_supports_attention_backend", False):
         raise ValueError(
-            f"{type(model).__name__} does not dispatch attention through transformers' AttentionInterface "
-            "(it chooses its attention classes by name), so attn_implementation='s2' cannot reach it. "
-            "Train it without S2 (use_s2_attn=False) or pick an architecture that dispatches through the registry."
+            f"{type(model).__name__} does not dispatch attention through transformers' AttentionInterface, or does "
+            "not declare that it does (`_supports_attention_backend` is unset), so attn_implementation='s2' is not "
+            "known to reach it. Train it without S2 (use_s2_attn=False) or pick an architecture that declares it."
         )
     causal_flags = [m.is_causal for m in model.modules() if isinstance(getattr(m, "is_causal", None), bool)]
     if causal_flags and not any(causal_flags):

@@ -15,7 +15,7 @@ import re
 from importlib.resources import files
 from pathlib import Path
 
-from ..tuner.position_interpolation import describe_rope
+from ..position_interpolation import describe_rope
 
 TEMPLATE = "longlora_adapter.md"
 NOT_RECORDED = "not recorded"

@@ -213,7 +213,7 @@ def convert_reference_checkpoint(
         target_modules=reference["target_modules"],
         modules_to_save=leaves,
         target_context_length=target_context_length,
-        base_model_name_or_path=recorded or base,
+        base_model_name_or_path=base or recorded,
         trainable_embeddings=any("embed" in leaf for leaf in leaves),
         trainable_norms=any("norm" in leaf for leaf in leaves),
         ensure_weight_tying=bool(tied_copies),

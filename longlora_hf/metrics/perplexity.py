@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..tuner.position_interpolation import context_length
+from ..position_interpolation import context_length
 
 PROTOCOLS = ("longlora", "strided")
 

@@ -10,7 +10,7 @@ from transformers import TrainerCallback
 
 from ..attention import S2_ATTN_IMPLEMENTATION, S2AttentionSettings
 from ..tuner import longlora_config_of
-from ..tuner.position_interpolation import context_length, describe_rope, rope_parameters_of
+from ..position_interpolation import context_length, describe_rope, rope_parameters_of
 
 logger = logging.getLogger(__name__)
 

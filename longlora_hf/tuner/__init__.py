@@ -7,7 +7,7 @@ from peft.utils import PeftType, register_peft_method
 from .config import PEFT_TYPE, LongLoraConfig, longlora_config_of
 from .export import save_as_plain_lora
 from .model import LongLoraModel, prepare_model_for_longlora
-from .position_interpolation import (
+from ..position_interpolation import (
     PositionInterpolation,
     apply_position_interpolation,
     context_length,

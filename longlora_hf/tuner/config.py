@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from peft import LoraConfig
 from peft.utils import PeftType
 
 from ..attention import S2AttentionSettings, inner_attn_implementation_for, s2_field
-from .position_interpolation import ROPE_TYPES
+from ..position_interpolation import ROPE_TYPES
 
-S2_SETTINGS_FIELDS = ("group_size_ratio", "group_size", "shift")
+S2_SETTINGS_FIELDS = tuple(f.name for f in fields(S2AttentionSettings))
+"""The S2-Attn settings, fields of LongLoraConfig too (defined once, in S2AttentionSettings)."""
 
 PEFT_TYPE = "LONGLORA"
 
@@ -131,9 +132,10 @@ class LongLoraConfig(LoraConfig):
 
     def s2_attention_settings(self, model_attn_implementation: str | None = None) -> S2AttentionSettings:
         """The S2-Attn settings this config gives a model loaded with `model_attn_implementation` (an unset
-        inner kernel follows it)."""
-        inner = self.inner_attn_implementation or inner_attn_implementation_for(model_attn_implementation)
-        return S2AttentionSettings(**{name: getattr(self, name) for name in S2_SETTINGS_FIELDS}, inner_attn_implementation=inner)
+        inner kernel follows it, as `get_peft_model` does)."""
+        settings = {name: getattr(self, name) for name in S2_SETTINGS_FIELDS}
+        settings["inner_attn_implementation"] = self.inner_attn_implementation or inner_attn_implementation_for(model_attn_implementation)
+        return S2AttentionSettings(**settings)
 
 
 def longlora_config_of(model) -> LongLoraConfig | None:

@@ -7,9 +7,15 @@ from peft.tuners.lora import LoraModel
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
-from ..attention import S2_ATTN_IMPLEMENTATION, check_s2_compatible, use_s2_attention
-from .config import LongLoraConfig
-from .position_interpolation import describe_rope, plan_position_interpolation, rope_parameters_of, set_rope_parameters
+from ..attention import S2_ATTN_IMPLEMENTATION, S2AttentionSettings, check_s2_compatible, use_s2_attention
+from .config import S2_SETTINGS_FIELDS, LongLoraConfig
+from ..position_interpolation import (
+    describe_rope,
+    legacy_rope_parameters,
+    plan_position_interpolation,
+    rope_parameters_of,
+    set_rope_parameters,
+)
 
 
 def attention_projection_names(model: nn.Module) -> list[str]:
@@ -90,11 +96,16 @@ class LongLoraModel(LoraModel):
         """Merge LoRA and the LoRA+ modules into a plain transformers model with dense attention."""
         model = super().merge_and_unload(*args, **kwargs)
         if model.config._attn_implementation == S2_ATTN_IMPLEMENTATION:
-            model.set_attn_implementation("sdpa")
+            leave_s2_attention(model)
         for config in {id(model.config): model.config, id(model.config.get_text_config()): model.config.get_text_config()}.values():
             if hasattr(config, "s2_attention"):
                 del config.s2_attention
         return model
+
+
+def leave_s2_attention(model: nn.Module) -> None:
+    """Switch a model from "s2" to its inner kernel (dense attention, as "s2" computes outside training)."""
+    model.set_attn_implementation(S2AttentionSettings.from_config(model.config).inner_attn_implementation)
 
 
 def prepare_model_for_longlora(model: nn.Module, config: LongLoraConfig) -> None:
@@ -112,15 +123,9 @@ def prepare_model_for_longlora(model: nn.Module, config: LongLoraConfig) -> None
     if config.target_context_length is not None:
         extend_positions(model, config)
     if train_s2:
-        use_s2_attention(
-            model,
-            group_size_ratio=config.group_size_ratio,
-            group_size=config.group_size,
-            shift=config.shift,
-            inner_attn_implementation=config.inner_attn_implementation,
-        )
+        use_s2_attention(model, **{name: getattr(config, name) for name in S2_SETTINGS_FIELDS})
     elif model.config._attn_implementation == S2_ATTN_IMPLEMENTATION:
-        model.set_attn_implementation("sdpa")
+        leave_s2_attention(model)
 
 
 def extend_positions(model: nn.Module, config: LongLoraConfig) -> None:
@@ -133,6 +138,12 @@ def extend_positions(model: nn.Module, config: LongLoraConfig) -> None:
     """
     now = rope_parameters_of(model.config)
     if config.rope_parameters is not None and now == config.rope_parameters:
+        return
+    if config.rope_parameters is None and config.position_interpolation_factor is not None:
+        # saved by longlora_hf 0.1.0, which recorded the factor but not the RoPE: reload what that version did
+        legacy = legacy_rope_parameters(model.config, config.target_context_length, config.rope_type or "linear")
+        if legacy is not None:
+            set_rope_parameters(model, *legacy)
         return
     plan = plan_position_interpolation(model.config, config.target_context_length, config.rope_type)
     if config.original_rope_parameters is not None and plan.original_rope_parameters != config.original_rope_parameters:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -67,11 +68,6 @@ class PositionInterpolation:
     def changes_the_model(self) -> bool:
         return self.factor > 1.0
 
-    @property
-    def rope_type(self) -> str:
-        """The scheme after extension (for per-layer-type RoPE, the full-attention layers' scheme)."""
-        return _main_scheme(self.rope_parameters)["rope_type"]
-
 
 def _text_config(config):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -81,22 +77,20 @@ def _is_per_layer_type(parameters: dict) -> bool:
     return "rope_type" not in parameters and bool(parameters) and all(isinstance(v, dict) or v is None for v in parameters.values())
 
 
-def _main_scheme(parameters: dict) -> dict:
-    if not _is_per_layer_type(parameters):
-        return parameters
-    extended = [v for k, v in parameters.items() if k != SLIDING_LAYER_TYPE and v is not None]
-    return extended[0] if extended else {"rope_type": "default"}
-
-
 def rope_parameters_of(config) -> dict | None:
     """A copy of the model's RoPE settings (flat, or one dict per layer type), or None without RoPE."""
     parameters = getattr(_text_config(config), "rope_parameters", None)
     return copy.deepcopy(dict(parameters)) if parameters else None
 
 
+def _factor(parameters: dict) -> float:
+    """The scheme's factor (transformers 5.x requires one for every scheme that has it, YaRN included)."""
+    return float(parameters.get("factor") or 1.0)
+
+
 def _scheme_context(parameters: dict, max_positions: int) -> int:
     rope_type = parameters.get("rope_type", "default")
-    factor = float(parameters.get("factor") or 1.0)
+    factor = _factor(parameters)
     if rope_type in ("default", "proportional", "llama3", "longrope"):
         return max_positions
     if rope_type == "linear":
@@ -162,7 +156,7 @@ def _extend_scheme(parameters: dict, step: float, current: int, max_positions: i
         extended.setdefault("attention_factor", _longrope_attention_factor(parameters, max_positions))
         extended["long_factor"] = [value * step for value in parameters["long_factor"]]
     else:
-        extended["factor"] = float(parameters.get("factor") or 1.0) * step
+        extended["factor"] = _factor(parameters) * step
         if own == "linear" and flat:
             extended.setdefault("original_max_position_embeddings", max_positions)
     return extended
@@ -207,12 +201,28 @@ def plan_position_interpolation(config, target_context_length: int, rope_type: s
     _check_rope_type(rope_type, parameters, owner)
     max_positions = config.max_position_embeddings
     current = context_length(config)
+    if parameters.get("rope_type") == "linear" and "original_max_position_embeddings" not in parameters:
+        warnings.warn(
+            f"{owner} has linear RoPE scaling (factor {parameters.get('factor')}) and max_position_embeddings="
+            f"{max_positions} without original_max_position_embeddings: read as the reference LongLoRA convention "
+            f"(max_position_embeddings is the unscaled length), the model handles {current} tokens. If "
+            f"{max_positions} already is the scaled context (as in some linear-scaled checkpoints), set "
+            f"config.rope_parameters['original_max_position_embeddings'] = {int(max_positions / _factor(parameters))} "
+            "before extending.",
+            stacklevel=2,
+        )
     if target_context_length <= current:
         return PositionInterpolation(current, target_context_length, 1.0, parameters, parameters, max_positions)
     step = float(math.ceil(target_context_length / current))
     if _is_per_layer_type(parameters):
         if getattr(config, "sliding_window", None) is None and SLIDING_LAYER_TYPE in parameters:
             raise ValueError(f"{owner} has RoPE for {SLIDING_LAYER_TYPE!r} layers but no sliding_window: cannot tell their reach.")
+        if rope_type == "dynamic" or any((v or {}).get("rope_type") == "dynamic" for v in parameters.values()):
+            raise ValueError(
+                f"{owner} keeps RoPE per layer type, whose context is max_position_embeddings; dynamic NTK reads that "
+                "same value as its unscaled length, so it would extend nothing. Leave rope_type unset (linear "
+                "interpolation of the full-attention layers) or pass rope_type='yarn'."
+            )
         extended = {
             layer: scheme if layer == SLIDING_LAYER_TYPE or scheme is None
             else _extend_scheme(scheme, step, current, max_positions, rope_type, flat=False)
@@ -223,6 +233,22 @@ def plan_position_interpolation(config, target_context_length: int, rope_type: s
         extended = _extend_scheme(parameters, step, current, max_positions, rope_type, flat=True)
         new_max = max_positions if extended["rope_type"] == "dynamic" else int(current * step)
     return PositionInterpolation(current, target_context_length, step, parameters, extended, new_max)
+
+
+def legacy_rope_parameters(config, target_context_length: int, rope_type: str) -> tuple[dict, int] | None:
+    """The RoPE that longlora_hf 0.1.0 gave a model for `target_context_length` (None: it changed nothing), so
+    adapters it saved, which record no `rope_parameters`, reload with the positions they were trained at. That
+    rule read only a linear factor as existing scaling and wrote `rope_type` over any other scheme."""
+    config = _text_config(config)
+    parameters = rope_parameters_of(config) or {}
+    existing = float(parameters.get("factor", 1.0)) if parameters.get("rope_type") == "linear" else 1.0
+    current = int(parameters.get("original_max_position_embeddings", config.max_position_embeddings) * existing)
+    if target_context_length <= current:
+        return None
+    step = float(math.ceil(target_context_length / current))
+    factor, original = (existing * step, int(current / existing)) if rope_type == "linear" else (step, current)
+    parameters.update(rope_type=rope_type, factor=factor, original_max_position_embeddings=original)
+    return parameters, max(config.max_position_embeddings, target_context_length)
 
 
 def apply_position_interpolation(model: torch.nn.Module, target_context_length: int, rope_type: str | None = None) -> PositionInterpolation:
