@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from conftest import tiny_model
+from helpers import tiny_model
 from huggingface_hub import ModelCard
 from peft import LoraConfig, get_peft_model
 

@@ -12,7 +12,7 @@ import textwrap
 import pytest
 import torch
 import transformers
-from conftest import shadow_longlora_hf, tiny_model, trained
+from helpers import shadow_longlora_hf, tiny_model, trained
 from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 

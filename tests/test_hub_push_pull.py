@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import shadow_longlora_hf
+from helpers import shadow_longlora_hf
 from hub_server import LocalHub
 from huggingface_hub import ModelCard
 from safetensors.torch import load, load_file

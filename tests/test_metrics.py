@@ -9,7 +9,7 @@ import evaluate
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_model
+from helpers import tiny_model
 from peft import LoraConfig, get_peft_model
 
 import longlora_hf

@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 import transformers
-from conftest import trained
+from helpers import trained
 from peft import AutoPeftModelForCausalLM, get_peft_model
 
 from longlora_hf import LongLoraConfig, save_as_plain_lora

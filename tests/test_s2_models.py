@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import transformers
-from conftest import ARCHITECTURES, COMMON, shadow_longlora_hf, tiny_config, tiny_model
+from helpers import ARCHITECTURES, COMMON, shadow_longlora_hf, tiny_config, tiny_model
 from s2_reference import masked_attention, s2_reference_mask
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
+from helpers import tiny_model
 from peft import get_peft_model
 from s2_reference import masked_attention, s2_reference_mask, varlen_stand_in
 from transformers import AttentionInterface

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_model
+from helpers import tiny_model
 from datasets import Dataset
 from huggingface_hub import ModelCard
 from peft import LoraConfig

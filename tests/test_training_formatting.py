@@ -9,7 +9,7 @@ from datasets import Dataset
 from transformers import PreTrainedTokenizerFast
 from trl import SFTConfig, SFTTrainer
 
-from conftest import tiny_model
+from helpers import tiny_model
 from longlora_hf.demo import ASSETS
 from longlora_hf.training import LongAlpacaFields, LongQAFields, format_longalpaca, format_longqa, format_records, read_records
 

@@ -12,7 +12,7 @@ from dataclasses import fields
 import pytest
 import torch
 import transformers
-from conftest import shadow_longlora_hf, tiny_model, trained
+from helpers import shadow_longlora_hf, tiny_model, trained
 from peft import AutoPeftModelForCausalLM, LoraConfig, PeftConfig, PeftModel, get_peft_model
 from torch import nn
 
