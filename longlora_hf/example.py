@@ -61,3 +61,14 @@ def run_example(steps: int = 80, length: int = 256, seed: int = 0) -> dict:
     identical = torch.equal(s2_logits, sdpa_logits)
     print(f"evaluation loss (dense attention) {eval_loss:.3f}; 's2' in eval mode identical to 'sdpa': {identical}")
     return {"losses": losses, "eval_loss": eval_loss, "eval_identical_to_sdpa": identical}
+
+
+def register(subparsers) -> None:
+    """`longlora-hf example`."""
+    parser = subparsers.add_parser("example", help="A short end-to-end S2-Attn training example on a tiny model (CPU, ~1 min).")
+    parser.set_defaults(run=run)
+
+
+def run(args) -> int:
+    run_example()
+    return 0

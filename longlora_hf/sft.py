@@ -1,27 +1,28 @@
-"""TRL's SFT script with LongLoRA switched on.
+"""`longlora-hf sft`: TRL's SFT script with LongLoRA.
 
-    python -m longlora_hf.sft --config trainer_configs/recipes/tiny_cpu.yaml
+    longlora-hf sft --config trainer_configs/recipes/tiny_cpu.yaml [any flag of `trl sft`] [--target_context_length 8192 ...]
     accelerate launch --config_file trainer_configs/accelerate/deepspeed_zero3.yaml -m longlora_hf.sft --config RECIPE
-    longlora-hf sft --config RECIPE [any flag of `trl sft`] [--target_context_length 8192 ...]
 
-Every flag and YAML key of `trl sft` works unchanged, plus the LongLoRA ones below. The script runs
-TRL's own `trl.scripts.sft.main`; LongLoRA enters through the two names that function resolves when
-it runs: the PEFT config it builds (a `LongLoraConfig` from the `--lora_*` flags and the LongLoRA
-ones, instead of a `LoraConfig`) and the trainer class (`LongLoraSFTTrainer`: `SFTTrainer` with
-`LongLoraCallback` added and the LongLoRA model card for `--push_to_hub`).
-Both are put back when the run ends.
+`main` has the shape of TRL's `trl/scripts/sft.py` and is parsed by TRL's own parser, so every flag and
+YAML key of `trl sft` works unchanged, plus the LongLoRA ones (`LongLoraArguments`). It loads the data
+as TRL's script does, formats LongQA/LongAlpaca records when asked, and trains `LongLoraSFTTrainer`
+(`SFTTrainer` + `LongLoraCallback` + the LongLoRA card) with a `LongLoraConfig` built from TRL's
+`--lora_*` flags and the LongLoRA ones. `--longlora false` trains TRL's `SFTTrainer` with TRL's PEFT
+config: `trl sft`. Nothing outside this package is reassigned.
 """
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import os
 import sys
 import typing
 from dataclasses import dataclass, field, make_dataclass
 
+from .training.formatting import check_record_format, check_too_long, record_fields
 from .tuner import LongLoraConfig
 
+logger = logging.getLogger(__name__)
 
 # The LongLoRA fields of `LongLoraConfig` that are flags of `longlora-hf sft`, with the config's own defaults and
 # help (the S2 ones come from S2AttentionSettings through it): one definition for the tuner, the flags and the
@@ -53,7 +54,7 @@ class _SftArguments:
     record_format: str | None = field(
         default=None,
         metadata={
-            "help": "Format the records before TRL reads them: 'longqa' ({material_type, material_content, question, "
+            "help": "Format the records before training: 'longqa' ({material_type, material_content, question, "
             "answer}, the paper's LongQA prompt) or 'longalpaca' ({instruction, output[, input]}, Llama-2 [INST]). The "
             "answer becomes the completion, so the loss is on it only. Default: the data is used as TRL reads it."
         },
@@ -91,118 +92,137 @@ def longlora_config(model_args, training_args, longlora_args) -> LongLoraConfig:
     )
 
 
-def record_fields(style: str, spec: str | None):
-    """The field names for `style` from 'role=column,...' (roles are the dataclass fields)."""
-    from dataclasses import fields as dataclass_fields
-    from dataclasses import replace
-
-    from .training import LongAlpacaFields, LongQAFields
-
-    names = LongQAFields() if style == "longqa" else LongAlpacaFields()
-    if not spec:
-        return names
-    roles = [f.name for f in dataclass_fields(names)]
-    changes = {}
-    for pair in spec.split(","):
-        role, _, column = pair.partition("=")
-        role, column = role.strip(), column.strip()
-        if role not in roles or not column:
-            raise ValueError(f"--record_fields {spec!r}: {pair!r} is not role=column with a role of {style} records ({', '.join(roles)}).")
-        changes[role] = column
-    return replace(names, **changes)
+def check_longlora_arguments(longlora_args) -> None:
+    """The data-formatting flags, checked before anything is loaded."""
+    if longlora_args.record_format is None:
+        return
+    check_record_format(longlora_args.record_format, "--record_format")
+    check_too_long(longlora_args.too_long, "--too_long")
+    record_fields(longlora_args.record_format, longlora_args.record_fields, "--record_fields")
 
 
-def check_local_record_files(dataset_args) -> None:
-    """Read every local .json/.jsonl data file through `read_records`, whose errors name the file and the
-    line of a non-UTF-8, malformed or empty file. Called when a run with `--record_format` failed (loading
-    and formatting come before training), so the data is read a second time only then."""
+def load_dataset(script_args, dataset_args):
+    """The dataset, loaded by the rules of TRL's SFT script: a `datasets:` mixture wins over `dataset_name`."""
+    from datasets import load_dataset as load_named_dataset
+    from trl import get_dataset
+
+    if dataset_args.datasets:
+        if script_args.dataset_name:
+            logger.warning(
+                "Both `datasets` and `dataset_name` are provided. The `datasets` argument will be used to load the "
+                "dataset and `dataset_name` will be ignored."
+            )
+        return get_dataset(dataset_args)
+    if script_args.dataset_name:
+        return load_named_dataset(script_args.dataset_name, name=script_args.dataset_config, streaming=script_args.dataset_streaming)
+    raise ValueError("Either `datasets` or `dataset_name` must be provided.")
+
+
+def local_record_files(dataset_args) -> list[str]:
+    """The local .json/.jsonl files of a `datasets:` mixture."""
     from pathlib import Path
 
-    from .training import read_records
-
+    paths = []
     for dataset in dataset_args.datasets or []:
         files = dataset.data_files
         files = files.values() if isinstance(files, dict) else [files]
         for group in files:
             for path in [group] if isinstance(group, str) else (group or []):
                 if isinstance(path, str) and path.endswith((".json", ".jsonl")) and Path(path).is_file():
-                    read_records(path)
+                    paths.append(path)
+    return paths
 
 
-def formatter(longlora_args, model_args, training_args):
-    """A function DatasetDict -> DatasetDict of TRL prompt/completion rows, saying what it kept, truncated, dropped."""
-    import logging
+def format_dataset(dataset, longlora_args, model_args, training_args):
+    """Each split of `dataset` as TRL prompt/completion rows in the `--record_format`, logging per split what was
+    kept, truncated and dropped at `max_length`."""
+    from datasets import Dataset, DatasetDict
+    from transformers import AutoTokenizer
 
     from .training import format_records
 
     style = longlora_args.record_format
-    if style not in ("longqa", "longalpaca"):
-        raise ValueError(f"--record_format must be 'longqa' or 'longalpaca'; got {style!r}.")
-    if longlora_args.too_long not in ("truncate", "drop"):
-        raise ValueError(f"--too_long must be 'truncate' or 'drop'; got {longlora_args.too_long!r}.")
-    fields = record_fields(style, longlora_args.record_fields)
-    logger = logging.getLogger(__name__)
-
-    def format_dataset(dataset):
-        from datasets import Dataset, DatasetDict
-        from transformers import AutoTokenizer
-
-        if not isinstance(dataset, DatasetDict):
-            raise ValueError(f"--record_format needs a map-style dataset (not streaming); got {type(dataset).__name__}.")
-        tokenizer = AutoTokenizer.from_pretrained(
-            model_args.model_name_or_path, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
-        )
-        max_length = training_args.max_length
-        formatted = DatasetDict()
-        for split, rows in dataset.items():
-            examples, counts = format_records(rows.to_list(), style, tokenizer, max_length, longlora_args.too_long, fields)
-            formatted[split] = Dataset.from_list(examples)
-            if os.environ.get("RANK", "0") == "0":  # every rank formats; the main one says so
-                logger.warning(
-                    f"LongLoRA {style} formatting of split {split!r}: {counts['kept']} kept, {counts['truncated']} "
-                    f"truncated, {counts['dropped']} dropped (max_length {max_length}, too_long={longlora_args.too_long!r})"
-                )
-        return formatted
-
-    return format_dataset
+    if not isinstance(dataset, DatasetDict):
+        raise ValueError(f"--record_format needs a map-style dataset (not streaming); got {type(dataset).__name__}.")
+    fields = record_fields(style, longlora_args.record_fields, "--record_fields")
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_args.model_name_or_path, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
+    )
+    max_length = training_args.max_length
+    formatted = DatasetDict()
+    for split, rows in dataset.items():
+        examples, counts = format_records(rows.to_list(), style, tokenizer, max_length, longlora_args.too_long, fields)
+        formatted[split] = Dataset.from_list(examples)
+        if os.environ.get("RANK", "0") == "0":  # every rank formats; the main one says so
+            logger.warning(
+                f"LongLoRA {style} formatting of split {split!r}: {counts['kept']} kept, {counts['truncated']} "
+                f"truncated, {counts['dropped']} dropped (max_length {max_length}, too_long={longlora_args.too_long!r})"
+            )
+    return formatted
 
 
-@contextlib.contextmanager
-def longlora_in_trl_sft(config: LongLoraConfig | None, format_dataset=None):
-    """While active, TRL's SFT script builds `config` as its PEFT config and trains with
-    `LongLoraSFTTrainer` (SFTTrainer + LongLoraCallback + the LongLoRA model card); with `format_dataset`,
-    the dataset it loads goes through it first. `config=None` (plain TRL) leaves the PEFT config and the
-    trainer as TRL makes them."""
-    import datasets
-    import trl
+def training_data(script_args, training_args, model_args, dataset_args, longlora_args):
+    """The dataset as the trainer gets it: loaded as TRL's script loads it, then formatted with `--record_format`."""
+    from .training import read_records
+
+    try:
+        dataset = load_dataset(script_args, dataset_args)
+        if longlora_args.record_format is not None:
+            dataset = format_dataset(dataset, longlora_args, model_args, training_args)
+    except Exception:
+        if longlora_args.record_format is not None:
+            # A bad local file fails inside `datasets` with a pyarrow error; read it again through
+            # `read_records`, whose errors name the file and the line (only now: the data may be large).
+            for path in local_record_files(dataset_args):
+                read_records(path)
+        raise
+    return dataset
+
+
+def main(script_args, training_args, model_args, dataset_args, longlora_args) -> None:
+    """TRL's SFT script (`trl/scripts/sft.py: main`) with LongLoRA: the same model loading, data loading,
+    training, saving and publishing; `LongLoraSFTTrainer` and a `LongLoraConfig` unless `--longlora false`."""
+    from trl import SFTTrainer, get_peft_config, get_quantization_config
 
     from .training import LongLoraSFTTrainer
 
-    saved = trl.get_peft_config, trl.SFTTrainer, trl.get_dataset, datasets.load_dataset
-    if config is not None:
-        trl.get_peft_config, trl.SFTTrainer = (lambda model_args: config), LongLoraSFTTrainer
-    if format_dataset is not None:
-        depth = [0]
+    check_longlora_arguments(longlora_args)
+    model_init_kwargs = dict(
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+        dtype=model_args.dtype,
+    )
+    if training_args.model_init_kwargs is not None:
+        model_init_kwargs.update(training_args.model_init_kwargs)
+    training_args.model_init_kwargs = model_init_kwargs
 
-        def formatted(load):
-            def load_and_format(*args, **kwargs):
-                depth[0] += 1  # get_dataset calls load_dataset: format once, on the way out
-                try:
-                    dataset = load(*args, **kwargs)
-                finally:
-                    depth[0] -= 1
-                return format_dataset(dataset) if depth[0] == 0 else dataset
-
-            return load_and_format
-
-        trl.get_dataset, datasets.load_dataset = formatted(saved[2]), formatted(saved[3])
-    try:
-        yield
-    finally:
-        trl.get_peft_config, trl.SFTTrainer, trl.get_dataset, datasets.load_dataset = saved
+    dataset = training_data(script_args, training_args, model_args, dataset_args, longlora_args)
+    if longlora_args.longlora:
+        trainer_class, peft_config = LongLoraSFTTrainer, longlora_config(model_args, training_args, longlora_args)
+    else:
+        trainer_class, peft_config = SFTTrainer, get_peft_config(model_args)
+    trainer = trainer_class(
+        model=model_args.model_name_or_path,
+        args=training_args,
+        train_dataset=dataset[script_args.dataset_train_split],
+        eval_dataset=dataset[script_args.dataset_test_split] if training_args.eval_strategy != "no" else None,
+        quantization_config=get_quantization_config(model_args),
+        peft_config=peft_config,
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.accelerator.print("Training completed.")
+    trainer.save_model(training_args.output_dir)
+    trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+        trainer.accelerator.print(f"Model pushed to the Hub in https://huggingface.co/{trainer.hub_model_id}.")
+    # What `Trainer.end()` (transformers >= 5.18) does: finish the trackers and leave the process group.
+    trainer.accelerator.end_training()
 
 
 def make_parser(subparsers=None, prog: str | None = None):
+    """TRL's SFT parser (`trl/scripts/sft.py: make_parser`) with `LongLoraArguments` added."""
     from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, TrlParser
 
     types = (ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig, LongLoraArguments)
@@ -211,56 +231,45 @@ def make_parser(subparsers=None, prog: str | None = None):
     return TrlParser(types, prog=prog)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from trl.scripts.sft import main as trl_sft_main
-
-    parser = make_parser(prog="longlora-hf sft")
+def parse_and_run(argv: list[str] | None = None, prog: str = "longlora-hf sft") -> int:
+    """Parse `argv` (flags and `--config` YAML, as `trl sft`) and run `main`; unknown flags are refused."""
+    parser = make_parser(prog=prog)
     script_args, training_args, model_args, dataset_args, longlora_args = parser.parse_args_and_config(
         args=argv, fail_with_unknown_args=True
     )
-    format_dataset = None
-    if longlora_args.record_format is not None:
-        format_dataset = formatter(longlora_args, model_args, training_args)
-    config = None
-    if longlora_args.longlora:
-        model_args.use_peft = True
-        config = longlora_config(model_args, training_args, longlora_args)
-    try:
-        with longlora_in_trl_sft(config, format_dataset):
-            trl_sft_main(script_args, training_args, model_args, dataset_args)
-    except Exception:
-        if format_dataset is not None:
-            check_local_record_files(dataset_args)  # a bad data file: its own error names the file and line
-        raise
-    end_distributed()
+    main(script_args, training_args, model_args, dataset_args, longlora_args)
     return 0
 
 
-def end_distributed() -> None:
-    """Leave the process groups cleanly once every rank is done. Otherwise, with DeepSpeed on the CPU, a
-    Gloo worker thread can still be releasing a tensor when the interpreter shuts down, and the rank aborts
-    ("terminate called without an active exception") after a successful run, failing the launch."""
-    import gc
+def register(subparsers) -> None:
+    """`longlora-hf sft`: every argument after the command goes to TRL's parser (`parse_and_run`)."""
+    parser = subparsers.add_parser(
+        "sft",
+        help="TRL's SFT script with LongLoRA: every `trl sft` flag plus the LongLoRA ones (see `longlora-hf sft --help`).",
+        add_help=False,
+    )
+    parser.set_defaults(run=lambda args: parse_and_run(args.command_argv), parses_its_own_arguments=True)
 
-    import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    gc.collect()  # the trainer, the DeepSpeed engine and their tensors go now, while Python can still free them
+def leave_without_interpreter_teardown(code: int) -> None:
+    """Exit a launched rank whose run has ended and been saved, skipping interpreter teardown.
+
+    With DeepSpeed on the CPU, a Gloo worker thread still finishing DeepSpeed's asynchronous communication
+    can need the GIL while the interpreter tears down, and the rank aborts ("terminate called without an
+    active exception") after a good, saved run, failing the launch. The atexit handlers (experiment
+    trackers, logging) run first, while Python is whole. Remove once DeepSpeed's CPU communication is
+    joined at `destroy_process_group`.
+    """
+    import atexit
+
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
-    code = main()
+    code = parse_and_run(prog="python -m longlora_hf.sft")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # A launched rank whose run has ended and been saved leaves without interpreter teardown: even after
-        # end_distributed, a Gloo worker thread still finishing DeepSpeed's asynchronous communication can
-        # need the GIL during teardown and abort the rank (seen in CI under load), failing a good run. The
-        # atexit handlers (experiment trackers, logging) still run first, while Python is whole.
-        import atexit
-
-        atexit._run_exitfuncs()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        leave_without_interpreter_teardown(code)
     sys.exit(code)

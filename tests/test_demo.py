@@ -9,7 +9,8 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from longlora_hf.demo import ASSETS
 from longlora_hf.demo.corpus import LONG_DOCUMENT_CHARS, read_split, split_documents
-from longlora_hf.demo.run import run_demo
+from longlora_hf.demo.run import run_demo, training_rows
+from longlora_hf.metrics.perplexity import token_stream
 
 
 def test_the_bundled_model_is_a_small_llama_trained_at_256_tokens_in_safetensors():
@@ -37,6 +38,13 @@ def test_the_corpus_split_is_disjoint_and_deterministic():
     assert sum(map(len, names)) == 120 and not (names[0] & names[1] or names[0] & names[2] or names[1] & names[2])
     assert all(len(documents[n]) >= LONG_DOCUMENT_CHARS for n in split["eval"] + split["finetune"])
     assert split_documents(dict(reversed(list(documents.items())))) == split
+
+
+def test_the_demo_fine_tunes_on_the_token_stream_the_perplexity_metric_reads():
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(ASSETS)
+    stream = token_stream(tokenizer, [d["text"] for d in read_split(ASSETS / "finetune.jsonl.gz")]).tolist()
+    rows = training_rows(tokenizer, 2048)
+    assert rows == [stream[start : start + 2048] for start in range(0, len(stream) - 2048 + 1, 2048)]
 
 
 @pytest.mark.slow_demo

@@ -14,8 +14,9 @@ from peft import LoraConfig, get_peft_model
 
 import longlora_hf
 from longlora_hf.cli import main as cli_main
-from longlora_hf.metrics import longlora_window_starts, passkey_prompt
+from longlora_hf.metrics import compute_perplexity, longlora_window_starts, passkey_prompt
 from longlora_hf.metrics.passkey import FILLER, information_line, passkey_retrieval
+
 
 @pytest.fixture(scope="module")
 def bpe_tokenizer():
@@ -137,11 +138,43 @@ def test_a_context_length_beyond_the_model_can_be_refused(perplexity_metric):
         perplexity_metric.compute(model=tiny_model("llama"), input_ids=STREAM, context_lengths=[512], beyond_context="error", progress=False)
 
 
-def test_an_empty_text_list_is_refused(perplexity_metric, tiny_tokenizer):
+def test_an_empty_text_list_is_refused(tiny_tokenizer):
     with pytest.raises(ValueError, match="predictions is empty"):
-        from longlora_hf.metrics import compute_perplexity
-
         compute_perplexity(tiny_model("llama"), tiny_tokenizer, predictions=[], context_lengths=[64])
+
+
+NO_MODEL = "no/such/model"  # not a model: loading it raises OSError, so a ValueError shows the check came first
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        ({"protocol": "sliding"}, r"protocol must be one of \('longlora', 'strided'\); got 'sliding'"),
+        ({"beyond_context": "ignore"}, r"beyond_context must be one of \('warn', 'error'\); got 'ignore'"),
+        ({"stride": 0}, "stride must be a positive integer; got 0"),
+        ({"batch_size": 0}, "batch_size must be a positive integer; got 0"),
+    ],
+)
+def test_a_bad_perplexity_option_is_refused_before_the_model_is_loaded(option, message):
+    with pytest.raises(ValueError, match=message):
+        compute_perplexity(NO_MODEL, input_ids=STREAM, context_lengths=[64], **option)
+
+
+@pytest.mark.parametrize(
+    "metric",
+    [
+        lambda lengths: compute_perplexity(NO_MODEL, input_ids=STREAM, context_lengths=lengths),
+        lambda lengths: passkey_retrieval(None, None, lengths),
+    ],
+    ids=["perplexity", "passkey"],
+)
+@pytest.mark.parametrize(
+    "lengths, message",
+    [([], "context_lengths is empty"), ([1], "context lengths must be integers of at least 2 tokens; got 1")],
+)
+def test_both_metrics_refuse_bad_context_lengths_by_the_same_rule(metric, lengths, message):
+    with pytest.raises(ValueError, match=message):
+        metric(lengths)
 
 
 def test_a_token_file_with_ids_beyond_the_vocabulary_is_refused(perplexity_metric, tmp_path):
@@ -175,6 +208,19 @@ class AnswersWithTheKey(torch.nn.Module):
             key = str(int(key) + 1)
         answer = self.tokenizer(" " + key + ".", add_special_tokens=False, return_tensors="pt")["input_ids"]
         return torch.cat([input_ids, answer], dim=1)
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        ({"depths": [0.5, 1.5]}, r"depth must be in \[0, 1\] \(a fraction of the filler before the key\); got 1.5"),
+        ({"depths": []}, "depths is empty"),
+        ({"trials": 0}, "trials must be a positive integer; got 0"),
+    ],
+)
+def test_a_bad_passkey_option_is_refused_before_the_first_prompt(option, message):
+    with pytest.raises(ValueError, match=message):
+        passkey_retrieval(None, None, [200], **option)  # no model, no tokenizer: nothing is generated
 
 
 def test_passkey_scoring_counts_right_and_wrong_answers(bpe_tokenizer):

@@ -21,6 +21,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from ..metrics.perplexity import token_stream
 from .corpus import DEFAULT_SOURCE, load_documents, split_documents, write_split
 
 SPECIAL_TOKENS = ["<s>", "</s>", "<pad>"]
@@ -56,15 +57,6 @@ def model_config(tokenizer: PreTrainedTokenizerFast, context_length: int) -> Lla
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-
-
-def token_stream(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> torch.Tensor:
-    """All documents as one stream of token ids, each followed by the end-of-sequence token."""
-    ids = []
-    for text in texts:
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        ids.append(tokenizer.eos_token_id)
-    return torch.tensor(ids, dtype=torch.long)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,8 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from .. import metrics
 from ..metrics.passkey import passkey_retrieval
-from ..metrics.report import NO_PLOTS, perplexity_table, plot_perplexity, plots_available
+from ..metrics.perplexity import token_stream
+from ..metrics.report import NO_PLOTS, context_length_table, plot_perplexity, plots_available
 from ..tuner import LongLoraConfig, apply_position_interpolation
 from . import ASSETS
 from .corpus import read_split
@@ -48,10 +49,8 @@ def load_base(assets: Path = ASSETS):
 
 def training_rows(tokenizer, length: int, assets: Path = ASSETS) -> list[list[int]]:
     """Continued pre-training data: the fine-tuning documents packed into rows of `length` tokens."""
-    stream: list[int] = []
-    for document in read_split(assets / "finetune.jsonl.gz"):
-        stream += tokenizer(document["text"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return [stream[i : i + length] for i in range(0, len(stream) - length + 1, length)]
+    stream = token_stream(tokenizer, [document["text"] for document in read_split(assets / "finetune.jsonl.gz")])
+    return [stream[i : i + length].tolist() for i in range(0, stream.numel() - length + 1, length)]
 
 
 def evaluation_texts(assets: Path = ASSETS, documents: int = 3) -> list[str]:
@@ -164,11 +163,10 @@ def run_demo(
 
     table = {name: row["perplexity"] for name, row in results["rows"].items()}
     print("\nperplexity on held-out documents (rows: model, columns: evaluation context length)")
-    print(perplexity_table(table))
+    print(context_length_table(table))
     if passkey_trials:
         print("\npasskey accuracy (mean over depths 0, 0.5, 1)")
-        for line in perplexity_table({name: row["passkey"] for name, row in results["rows"].items()}).splitlines():
-            print(line)
+        print(context_length_table({name: row["passkey"] for name, row in results["rows"].items()}))
     (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
     written = [out_dir / "results.json"]
     if plots_available():

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .perplexity import BEYOND_CONTEXT, PROTOCOLS
 
-def add_eval_command(subparsers) -> None:
+
+def register(subparsers) -> None:
     parser = subparsers.add_parser("eval", help="Perplexity by context length and passkey retrieval; table, JSON, PNG.")
     parser.add_argument("--model", required=True, action="append", help="Model path or Hub id (safetensors, no remote code). Repeat to compare models: one line each in the plot.")
     parser.add_argument("--adapter", action="append", default=[], help="A LongLoRA or LoRA adapter for the model at the same position; use 'none' for a model without one.")
     parser.add_argument("--data", required=True, type=Path, help="Texts: .txt (one document), .json/.jsonl (records with a 'text' field), or .bin (uint16 token ids).")
     parser.add_argument("--lengths", required=True, type=int, nargs="+", help="Evaluation context lengths, e.g. 2048 4096 8192.")
-    parser.add_argument("--protocol", default="longlora", choices=["longlora", "strided"])
+    parser.add_argument("--protocol", default="longlora", choices=PROTOCOLS)
     parser.add_argument("--stride", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--beyond-context", default="warn", choices=["warn", "error"], help="Lengths beyond the model's context: warn or refuse.")
+    parser.add_argument("--beyond-context", default="warn", choices=BEYOND_CONTEXT, help="Lengths beyond the model's context: warn or refuse.")
     parser.add_argument("--passkey-depths", type=float, nargs="*", default=[], help="Also run passkey retrieval at these depths (fractions in [0, 1]).")
     parser.add_argument("--passkey-trials", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
@@ -44,7 +46,7 @@ def read_texts(path: Path) -> list[str]:
 def run_eval(args) -> int:
     from .passkey import passkey_retrieval
     from .perplexity import compute_perplexity, load_model_and_tokenizer
-    from .report import NO_PLOTS, perplexity_table, plot_passkey, plot_perplexity, plots_available, write_json
+    from .report import NO_PLOTS, context_length_table, plot_passkey, plot_perplexity, plots_available, write_json
 
     adapters = args.adapter or ["none"] * len(args.model)
     if len(adapters) != len(args.model):
@@ -75,7 +77,7 @@ def run_eval(args) -> int:
                 print(f"{depth:>6.2f}" + "".join(f"{passkey['accuracy'][length][depth]:>10.2f}" for length in args.lengths))
         reports.append(report)
     print(f"perplexity ({args.protocol} protocol, stride {args.stride})")
-    print(perplexity_table(rows))
+    print(context_length_table(rows))
     write_json({"models": reports}, args.out / "results.json")
     if plots_available():
         plot_perplexity(rows, args.out / "perplexity.png")

@@ -10,6 +10,8 @@ import re
 import torch
 from tqdm.auto import tqdm
 
+from .perplexity import check_context_lengths
+
 TASK = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
     "I will quiz you about the important information there."
@@ -22,10 +24,26 @@ def information_line(key: str) -> str:
     return f"The pass key is {key}. Remember it. {key} is the pass key."
 
 
-def passkey_prompt(tokenizer, context_length: int, depth: float, key: str) -> str:
-    """A prompt of about `context_length` tokens with the key's line after `depth` of the filler."""
+def _check_depth(depth: float) -> None:
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1] (a fraction of the filler before the key); got {depth!r}.")
+
+
+def check_passkey_options(depths, trials: int) -> list[float]:
+    """The depths as a list, and the number of trials, as `passkey_retrieval` takes them."""
+    depths = list(depths)
+    if not depths:
+        raise ValueError("depths is empty: pass e.g. depths=[0.0, 0.5, 1.0].")
+    for depth in depths:
+        _check_depth(depth)
+    if not isinstance(trials, int) or trials < 1:
+        raise ValueError(f"trials must be a positive integer; got {trials!r}.")
+    return depths
+
+
+def passkey_prompt(tokenizer, context_length: int, depth: float, key: str) -> str:
+    """A prompt of about `context_length` tokens with the key's line after `depth` of the filler."""
+    _check_depth(depth)
     fixed = len(tokenizer("\n".join([TASK, information_line(key), QUESTION]), add_special_tokens=False)["input_ids"])
     per_sentence = len(tokenizer(" " + FILLER, add_special_tokens=False)["input_ids"])
     sentences = max(0, (context_length - fixed) // per_sentence)
@@ -44,8 +62,9 @@ def answer_is_correct(continuation: str, key: str) -> bool:
 @torch.no_grad()
 def passkey_retrieval(model, tokenizer, context_lengths, depths=(0.0, 0.25, 0.5, 0.75, 1.0), trials: int = 5, seed: int = 0, progress: bool = True) -> dict:
     """Accuracy[context_length][depth] over `trials` random keys each (greedy decoding, dense attention)."""
-    if trials < 1:
-        raise ValueError(f"trials must be at least 1; got {trials!r}.")
+    # Checked before the first prompt, not when a bad value's turn comes after minutes of generation.
+    context_lengths = check_context_lengths(context_lengths)
+    depths = check_passkey_options(depths, trials)
     rng = random.Random(seed)
     device = next(model.parameters()).device
     was_training = model.training

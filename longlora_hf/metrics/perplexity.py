@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from ..position_interpolation import context_length
 
 PROTOCOLS = ("longlora", "strided")
+BEYOND_CONTEXT = ("warn", "error")
 
 
 def load_model_and_tokenizer(model, tokenizer=None, adapter: str | None = None, dtype=None, device=None):
@@ -48,9 +49,10 @@ def load_model_and_tokenizer(model, tokenizer=None, adapter: str | None = None, 
 
 
 def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
-    """Texts as one stream of token ids, each followed by the end-of-sequence token (if any)."""
-    if not texts:
-        raise ValueError("predictions is empty: pass at least one text (or input_ids / token_file).")
+    """Texts as one stream of token ids: each text's ids without special tokens, then the end-of-sequence
+    token (if the tokenizer has one), as the reference's tokenized data (Landmark Attention's
+    `encode_ordinary(text)` + end-of-text per document). The one builder of token streams: the metric
+    evaluates on it, and the demo pretrains and fine-tunes on it."""
     ids: list[int] = []
     for text in texts:
         ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -76,11 +78,32 @@ def _model_context(model) -> int | None:
     return context_length(config) if config is not None else None
 
 
-def _check_context_lengths(model, stream: torch.Tensor, context_lengths, beyond_context: str, vocab_size) -> None:
-    if not context_lengths:
+def check_context_lengths(context_lengths) -> list[int]:
+    """The evaluation context lengths as a list; both metrics take them. A window needs one token to
+    predict from and one to predict."""
+    lengths = list(context_lengths)
+    if not lengths:
         raise ValueError("context_lengths is empty: pass e.g. context_lengths=[2048, 4096].")
-    if beyond_context not in ("warn", "error"):
-        raise ValueError(f"beyond_context must be 'warn' or 'error'; got {beyond_context!r}.")
+    for length in lengths:
+        if not isinstance(length, int) or length < 2:
+            raise ValueError(f"context lengths must be integers of at least 2 tokens; got {length!r}.")
+    return lengths
+
+
+def check_perplexity_options(protocol: str, stride: int, batch_size: int, beyond_context: str) -> None:
+    """The options of `compute_perplexity` that need neither the model nor the data."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}; got {protocol!r}.")
+    if beyond_context not in BEYOND_CONTEXT:
+        raise ValueError(f"beyond_context must be one of {BEYOND_CONTEXT}; got {beyond_context!r}.")
+    for name, value in (("stride", stride), ("batch_size", batch_size)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer; got {value!r}.")
+
+
+def _check_data_fits_model(model, stream: torch.Tensor, context_lengths: list[int], beyond_context: str) -> None:
+    """The token ids are in the model's vocabulary, and each context length fits the data and the model."""
+    vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
     if vocab_size is not None and stream.numel() and int(stream.max()) >= vocab_size:
         raise ValueError(
             f"The token ids go up to {int(stream.max())}, but the model's vocabulary has {vocab_size} tokens: "
@@ -88,8 +111,6 @@ def _check_context_lengths(model, stream: torch.Tensor, context_lengths, beyond_
         )
     limit = _model_context(model)
     for length in context_lengths:
-        if not isinstance(length, int) or length < 2:
-            raise ValueError(f"context lengths must be integers of at least 2 tokens; got {length!r}.")
         if length + 1 > stream.numel():
             raise ValueError(
                 f"context length {length} needs more than {length} tokens, but the data has {stream.numel()}. "
@@ -106,7 +127,7 @@ def _check_context_lengths(model, stream: torch.Tensor, context_lengths, beyond_
 
 
 @torch.no_grad()
-def _mean_losses(model, windows: torch.Tensor, labels: torch.Tensor | None, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _window_nll_sums_and_counts(model, windows: torch.Tensor, labels: torch.Tensor | None, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per window: (sum of next-token negative log-likelihoods, number of scored tokens)."""
     device = next(model.parameters()).device
     sums, counts = [], []
@@ -133,10 +154,10 @@ def perplexity_at(model, stream: torch.Tensor, context_length: int, protocol: st
                 f"stride {stride} (the protocol needs more than {context_length + stride} tokens)."
             )
         windows = torch.stack([stream[s : s + context_length] for s in starts])
-        sums, counts = _mean_losses(model, windows, None, batch_size)
+        sums, counts = _window_nll_sums_and_counts(model, windows, None, batch_size)
         loss = (sums / counts).mean().item()
         return {"perplexity": math.exp(loss), "loss": loss, "windows": len(starts), "tokens_scored": int(counts.sum())}
-    windows, labels, previous_end = [], [], 0
+    nll_sums, token_counts, previous_end = [], [], 0
     for begin in range(0, stream.numel(), stride):
         end = min(begin + context_length, stream.numel())
         if end - begin < 2:
@@ -144,14 +165,14 @@ def perplexity_at(model, stream: torch.Tensor, context_length: int, protocol: st
         window = stream[begin:end]
         label = window.clone()
         label[: max(0, (end - begin) - (end - previous_end))] = -100
-        sums, counts = _mean_losses(model, window[None], label[None], 1)
-        windows.append(sums.item())
-        labels.append(int(counts.item()))
+        sums, counts = _window_nll_sums_and_counts(model, window[None], label[None], 1)
+        nll_sums.append(sums.item())
+        token_counts.append(int(counts.item()))
         previous_end = end
         if end == stream.numel():
             break
-    loss = sum(windows) / sum(labels)
-    return {"perplexity": math.exp(loss), "loss": loss, "windows": len(windows), "tokens_scored": sum(labels)}
+    loss = sum(nll_sums) / sum(token_counts)
+    return {"perplexity": math.exp(loss), "loss": loss, "windows": len(nll_sums), "tokens_scored": sum(token_counts)}
 
 
 def compute_perplexity(
@@ -174,14 +195,14 @@ def compute_perplexity(
     `token_file` (flat uint16 ids). Returns `perplexities` (one per context length, in order),
     `mean_perplexity`, and `by_context_length` {length: {perplexity, loss, windows, tokens_scored}}.
     """
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol must be one of {PROTOCOLS}; got {protocol!r}.")
-    if not isinstance(stride, int) or stride < 1:
-        raise ValueError(f"stride must be a positive integer; got {stride!r}.")
-    model, tokenizer = load_model_and_tokenizer(model, tokenizer, adapter)
-    given = [x is not None for x in (predictions, input_ids, token_file)]
-    if sum(given) != 1:
+    # What needs neither the model nor the data is checked before a model path is loaded (minutes for a 7B).
+    check_perplexity_options(protocol, stride, batch_size, beyond_context)
+    context_lengths = check_context_lengths(context_lengths)
+    if sum(x is not None for x in (predictions, input_ids, token_file)) != 1:
         raise ValueError("Pass exactly one of predictions (texts), input_ids or token_file.")
+    if predictions is not None and not predictions:
+        raise ValueError("predictions is empty: pass at least one text (or input_ids / token_file).")
+    model, tokenizer = load_model_and_tokenizer(model, tokenizer, adapter)
     if predictions is not None:
         if tokenizer is None:
             raise ValueError("Texts need a tokenizer: pass tokenizer=..., or a model path that has one.")
@@ -190,9 +211,7 @@ def compute_perplexity(
         stream = read_token_file(token_file)
     else:
         stream = torch.as_tensor(input_ids, dtype=torch.long).flatten()
-    vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
-    context_lengths = list(context_lengths)
-    _check_context_lengths(model, stream, context_lengths, beyond_context, vocab_size)
+    _check_data_fits_model(model, stream, context_lengths, beyond_context)
 
     was_training = model.training
     model.eval()

@@ -25,8 +25,9 @@ def _pyplot():
     return plt
 
 
-def perplexity_table(rows: dict[str, dict[int, float]]) -> str:
-    """rows: {model name: {context length: perplexity}} -> a fixed-width table."""
+def context_length_table(rows: dict[str, dict[int, float]]) -> str:
+    """rows: {model name: {context length: value}} -> a fixed-width table, one column per context length;
+    the values (perplexity, passkey accuracy) with two decimals."""
     lengths = sorted({length for row in rows.values() for length in row})
     width = max([len(name) for name in rows] + [5]) + 2
     lines = [f"{'model':<{width}}" + "".join(f"{length:>10}" for length in lengths)]

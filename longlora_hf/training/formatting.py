@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 
 LONGQA_PROMPT = (
@@ -44,6 +45,41 @@ class LongAlpacaFields:
     instruction: str = field(default="instruction", metadata={"help": "The instruction (LongAlpaca puts the material in it)."})
     output: str = field(default="output", metadata={"help": "The response: the completion, where the loss goes."})
     input: str = field(default="input", metadata={"help": "Optional further input, appended to the instruction."})
+
+
+RECORD_FORMATS = {"longqa": LongQAFields, "longalpaca": LongAlpacaFields}
+"""The record formats and the dataclass naming each one's fields (its roles)."""
+TOO_LONG_POLICIES = ("truncate", "drop")
+
+
+def check_record_format(style: str, name: str = "style") -> None:
+    """Raise unless `style` is a record format; `name` is how the caller's user spells the option."""
+    if style not in RECORD_FORMATS:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, RECORD_FORMATS))}; got {style!r}.")
+
+
+def check_too_long(policy: str, name: str = "too_long") -> None:
+    """Raise unless `policy` says what to do with a record longer than max_length."""
+    if policy not in TOO_LONG_POLICIES:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, TOO_LONG_POLICIES))}; got {policy!r}.")
+
+
+def record_fields(style: str, spec: str | None, name: str = "fields"):
+    """The field names of `style` records with the changes in `spec`, 'role=column,...' (the roles are the
+    fields of the style's dataclass: `LongQAFields`, `LongAlpacaFields`)."""
+    check_record_format(style)
+    names = RECORD_FORMATS[style]()
+    if not spec:
+        return names
+    roles = [f.name for f in dataclass_fields(names)]
+    changes = {}
+    for pair in spec.split(","):
+        role, _, column = pair.partition("=")
+        role, column = role.strip(), column.strip()
+        if role not in roles or not column:
+            raise ValueError(f"{name} {spec!r}: {pair!r} is not role=column with a role of {style} records ({', '.join(roles)}).")
+        changes[role] = column
+    return replace(names, **changes)
 
 
 def _field(record: dict, name: str, index: int, style: str) -> str:
@@ -123,13 +159,11 @@ def format_records(
     as `too_long` says. LongAlpaca records that do not fit are dropped (cutting them would cut the
     answer). The returned counts say how many were kept, truncated and dropped.
     """
-    if style not in ("longqa", "longalpaca"):
-        raise ValueError(f"style must be 'longqa' or 'longalpaca'; got {style!r}.")
-    if too_long not in ("truncate", "drop"):
-        raise ValueError(f"too_long must be 'truncate' or 'drop'; got {too_long!r}.")
+    check_record_format(style)
+    check_too_long(too_long)
     if not records:
         raise ValueError("The dataset is empty: no records to format.")
-    record_fields = fields or (LongQAFields() if style == "longqa" else LongAlpacaFields())
+    record_fields = fields or RECORD_FORMATS[style]()
     format_one = format_longqa if style == "longqa" else format_longalpaca
     formatted, counts = [], {"kept": 0, "truncated": 0, "dropped": 0}
     for index, record in enumerate(records):

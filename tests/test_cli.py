@@ -1,0 +1,68 @@
+"""`longlora-hf`: one registry of commands, each registered by the module that runs it."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from longlora_hf import cli
+
+EXPECTED = {"example", "demo", "sft", "format", "merge", "convert-reference", "eval"}
+
+
+def registered() -> dict[str, tuple[object, argparse.ArgumentParser]]:
+    """command name -> (the registry module that added it, its parser)."""
+    commands = {}
+    for module in cli.COMMANDS:
+        subparsers = argparse.ArgumentParser().add_subparsers()
+        module.register(subparsers)
+        for name, parser in subparsers.choices.items():
+            assert name not in commands, f"{name} registered twice"
+            commands[name] = (module, parser)
+    return commands
+
+
+def test_every_command_comes_from_the_registry_with_its_run_function_beside_its_parser():
+    commands = registered()
+    assert set(commands) == EXPECTED
+    top_level = cli.make_parser()._subparsers._group_actions[0].choices
+    assert set(top_level) == EXPECTED
+    for name, (module, parser) in commands.items():
+        run = parser.get_default("run")
+        assert callable(run), f"{name} sets no run function"
+        assert run.__module__ == module.__name__, f"{name}: parser in {module.__name__}, run in {run.__module__}"
+
+
+def test_a_command_runs_its_registered_function_with_the_parsed_arguments(monkeypatch):
+    from longlora_hf.training import cli as training_cli
+
+    seen = []
+    monkeypatch.setattr(training_cli, "run", lambda args: seen.append(args) or 7)
+    assert cli.main(["format", "--style", "longqa", "--input", "in.jsonl", "--output", "out.jsonl"]) == 7
+    assert (seen[0].command, seen[0].style, seen[0].input) == ("format", "longqa", "in.jsonl")
+
+
+def test_sft_gets_every_argument_after_its_name_for_trls_parser(monkeypatch):
+    from longlora_hf import sft
+
+    seen = []
+    monkeypatch.setattr(sft, "parse_and_run", lambda argv: seen.append(argv) or 0)
+    argv = ["--config", "recipe.yaml", "--group_size_ratio", "0.5", "--help"]
+    assert cli.main(["sft", *argv]) == 0
+    assert seen == [argv]
+
+
+@pytest.mark.parametrize("command", [["format", "--style", "longqa", "--input", "a", "--output", "b"], ["example"]])
+def test_an_unknown_argument_of_any_other_command_is_refused(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*command, "--bogus", "1"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --bogus 1" in capsys.readouterr().err
+
+
+def test_bad_input_ends_with_one_line_naming_the_command_and_exit_2(tmp_path, capsys):
+    missing = tmp_path / "missing.jsonl"
+    assert cli.main(["format", "--style", "longqa", "--input", str(missing), "--output", str(tmp_path / "out.jsonl")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("longlora-hf format: error:") and str(missing) in error and error.count("\n") == 1
