@@ -93,20 +93,30 @@ def group_boundaries(mask_half: torch.Tensor) -> list[int]:
 
 
 def varlen_stand_in(calls):
-    """A pure-torch stand-in for flash_attn_varlen_func: causal attention inside each cu_seqlens segment."""
+    """A pure-torch stand-in for flash_attn_varlen_func: causal attention inside each cu_seqlens segment.
+    It records each call's arguments in `calls` and applies no dropout (it records `dropout_p` instead)."""
 
     def flash_attn_varlen_func(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal, window_size
     ):
-        calls.append(dict(cu_seqlens=cu_seqlens_q.tolist(), max_seqlen=max_seqlen_q, causal=causal, window=window_size))
+        calls.append(
+            dict(
+                cu_seqlens=cu_seqlens_q.tolist(),
+                max_seqlen=max_seqlen_q,
+                causal=causal,
+                window=window_size,
+                dropout_p=dropout_p,
+            )
+        )
         assert torch.equal(cu_seqlens_q, cu_seqlens_k) and cu_seqlens_q.dtype == torch.int32
         out = torch.zeros_like(q)
         repeat = q.shape[1] // k.shape[1]
+        scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale  # flash-attn's default
         bounds = cu_seqlens_q.tolist()
         for start, end in zip(bounds[:-1], bounds[1:]):
             qs, ks, vs = q[start:end].transpose(0, 1), k[start:end].transpose(0, 1), v[start:end].transpose(0, 1)
             ks, vs = ks.repeat_interleave(repeat, 0), vs.repeat_interleave(repeat, 0)
-            scores = qs @ ks.transpose(-1, -2) * softmax_scale
+            scores = qs @ ks.transpose(-1, -2) * scale
             offsets = torch.arange(end - start)[:, None] - torch.arange(end - start)[None, :]
             allowed = offsets >= 0
             if window_size[0] >= 0:

@@ -185,12 +185,44 @@ def test_layout_describes_runs_of_equal_groups_in_token_order():
     assert layout.max_seqlen == (4, 4)
 
 
-def test_dropout_is_applied_in_training():
-    query, key, value = qkv(1, 4, 4, 16)
+def test_dropout_drops_attention_weights_of_both_halves():
+    """With one-hot values the output is the attention weights themselves: under dropout p each weight of
+    the reference partition is either dropped (0) or kept and scaled by 1 / (1 - p), in both halves."""
+    heads, n, p = 4, 16, 0.5
+    query, key, _ = qkv(1, heads, 2, n)
+    one_hot = torch.eye(n, dtype=torch.float64).expand(1, 2, n, n)  # value of key j = e_j
     torch.manual_seed(0)
-    with_dropout, _ = s2_attention_forward(attention_module(), query, key, value, None, dropout=0.5)
-    without, _ = s2_attention_forward(attention_module(), query, key, value, None)
-    assert not torch.allclose(with_dropout, without)
+    out, _ = s2_attention_forward(attention_module(), query, key, one_hot, None, dropout=p)
+    weights = masked_attention(query, key, one_hot, s2_reference_mask(torch.ones(1, n, dtype=torch.bool), heads))
+    kept = out != 0
+    torch.testing.assert_close(out[kept], weights[kept] / (1 - p), atol=TOLERANCE, rtol=0)
+    allowed = weights > 0
+    for half in (slice(0, heads // 2), slice(heads // 2, heads)):
+        assert (allowed & ~kept)[:, :, half].any(), "no weight of this half was dropped"
+        assert (allowed & kept)[:, :, half].any(), "every weight of this half was dropped"
+
+
+def test_the_flash_path_hands_the_dropout_to_the_kernel_of_each_half(monkeypatch):
+    calls = []
+    monkeypatch.setattr(s2, "_load_flash_varlen", lambda: varlen_stand_in(calls))
+    query, key, value = qkv(1, 4, 2, 16)
+    module = attention_module(inner_attn_implementation="flash_attention_2")
+    s2_attention_forward(module, query, key, value, None, dropout=0.3)
+    assert [call["dropout_p"] for call in calls] == [0.3, 0.3]
+
+
+def test_a_mask_from_outside_s2_mask_gets_the_layout_of_its_own_call():
+    """A mask that `s2_mask` did not make (a 4D mask built by the caller, or None) belongs to no forward pass:
+    each call reads the tensors it is given, even a buffer whose contents changed without a new tensor."""
+    heads, n = 4, 24
+    query, key, value = qkv(1, heads, 2, n)
+    position_ids = torch.cat([torch.arange(11), torch.arange(13)])[None]
+    s2_attention_forward(attention_module(), query, key, value, None, position_ids=position_ids)
+    # A data loader refilling a shared buffer in place, here through NumPy (which autograd does not see).
+    position_ids.numpy()[:] = torch.cat([torch.arange(17), torch.arange(7)]).numpy()
+    out, _ = s2_attention_forward(attention_module(), query, key, value, None, position_ids=position_ids)
+    mask = s2_reference_mask(torch.ones(1, n, dtype=torch.bool), heads, position_ids=position_ids)
+    torch.testing.assert_close(out, masked_attention(query, key, value, mask), atol=TOLERANCE, rtol=0)
 
 
 @pytest.mark.parametrize("training,grad", [(False, True), (True, False)])
@@ -216,7 +248,8 @@ def test_a_kv_cache_call_is_dense_even_in_training():
 
 def test_an_odd_number_of_heads_is_refused_in_training():
     query, key, value = qkv(1, 3, 3, 16)
-    with pytest.raises(ValueError, match=r"3 heads \(odd\).*attn_implementation='sdpa'"):
+    message = r"must be even; .* has num_attention_heads=3\. Use attn_implementation='sdpa'"
+    with pytest.raises(ValueError, match=message):
         s2_attention_forward(attention_module(), query, key, value, None)
 
 
@@ -224,7 +257,8 @@ def test_non_causal_attention_is_refused_in_training():
     query, key, value = qkv(1, 4, 4, 16)
     module = attention_module()
     module.is_causal = False
-    with pytest.raises(ValueError, match="causal language models.*attn_implementation='sdpa'"):
+    message = r"causal language models.* is non-causal \(is_causal=False.*attn_implementation='sdpa'"
+    with pytest.raises(ValueError, match=message):
         s2_attention_forward(module, query, key, value, None)
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
 import textwrap
+import threading
+import weakref
 from dataclasses import asdict
 from types import SimpleNamespace
 
@@ -18,7 +21,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import longlora_hf
-from longlora_hf.attention import S2AttentionSettings, s2, use_s2_attention
+from longlora_hf.attention import S2AttentionSettings, S2Mask, s2, use_s2_attention
 from longlora_hf.attention.s2 import s2_attention_forward
 
 ARCHS = list(ARCHITECTURES)
@@ -51,6 +54,35 @@ def register_spy(calls):
 
     AttentionInterface.register("s2_spy", spy)
     AttentionMaskInterface.register("s2_spy", longlora_hf.attention.s2_mask)
+
+
+def recorded_layouts(monkeypatch) -> list:
+    """Record every layout S2 computes, with the thread that computed it: (thread id, layout)."""
+    layouts = []
+    compute = s2.s2_layout
+
+    def recording(*args, **kwargs):
+        layout = compute(*args, **kwargs)
+        layouts.append((threading.get_ident(), layout))
+        return layout
+
+    monkeypatch.setattr(s2, "s2_layout", recording)
+    return layouts
+
+
+def mask_kinds(model) -> int:
+    """How many kinds of mask the layers of `model` get (Gemma 3: sliding-window and full)."""
+    return len(set(getattr(model.config, "layer_types", None) or ["full_attention"]))
+
+
+def expected_training(arch, seed, ids, attention_mask):
+    """Logits and gradients of one training forward and backward of `arch` under the reference partition."""
+    register_reference(attention_mask.bool())
+    model = tiny_model(arch, seed=seed).double().train()
+    model.set_attn_implementation("s2_reference")
+    logits = model(ids, attention_mask=attention_mask).logits
+    logits[attention_mask.bool()].pow(2).mean().backward()
+    return logits.detach(), [p.grad for p in model.parameters()]
 
 
 def flash_attn_varlen_stand_in(
@@ -269,21 +301,30 @@ def test_s2_differs_from_dense_attention_in_training():
     assert (model(ids).logits - dense).abs().max() > 1e-3
 
 
-def test_a_few_optimizer_steps_lower_the_loss():
-    model = tiny_model("llama")
-    use_s2_attention(model)
-    model.train()
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(4, 128, (4, 32), generator=generator)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(15):
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    assert losses[-1] < 0.7 * losses[0], losses
+def test_optimizer_steps_follow_the_s2_reference_trajectory_not_the_dense_one():
+    """Five AdamW steps through "s2" give the losses and weights of the same steps under the explicit mask of
+    the partition, which differ from those of dense attention; and the loss goes down."""
+    ids = torch.randint(4, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+    register_reference(torch.ones(4, 32, dtype=torch.bool))
+    trajectories = {}
+    for attention in ("s2", "s2_reference", "sdpa"):
+        model = tiny_model("llama").double().train()
+        model.set_attn_implementation(attention)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        losses = []
+        for _ in range(5):
+            loss = model(ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+        trajectories[attention] = (torch.tensor(losses, dtype=torch.float64), [p.detach() for p in model.parameters()])
+    (losses, weights), (reference_losses, reference_weights) = trajectories["s2"], trajectories["s2_reference"]
+    torch.testing.assert_close(losses, reference_losses, atol=1e-10, rtol=0)
+    for weight, reference in zip(weights, reference_weights):
+        torch.testing.assert_close(weight, reference, atol=1e-10, rtol=0)
+    assert (losses - trajectories["sdpa"][0]).abs().max() > 1e-3
+    assert losses[-1] < losses[0]
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
@@ -364,7 +405,7 @@ def test_an_encoder_loaded_with_s2_fails_clearly_in_training():
 
 def test_an_odd_number_of_heads_is_refused():
     model = transformers.LlamaForCausalLM(tiny_config("llama", num_attention_heads=3, num_key_value_heads=1, hidden_size=24))
-    with pytest.raises(ValueError, match=r"num_attention_heads=3 \(odd\)"):
+    with pytest.raises(ValueError, match=r"must be even; LlamaForCausalLM has num_attention_heads=3\."):
         use_s2_attention(model)
 
 
@@ -377,63 +418,209 @@ def test_bad_settings_leave_the_model_unchanged():
 
 
 def test_the_layout_is_computed_once_per_forward_not_once_per_layer(monkeypatch):
-    from longlora_hf.attention import s2
-
-    calls = []
-    original = s2.s2_layout
-    monkeypatch.setattr(s2, "s2_layout", lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
+    layouts = recorded_layouts(monkeypatch)
     model = tiny_model("llama", num_hidden_layers=3)
     use_s2_attention(model)
     model.train()
     ids, attention_mask = batch()
     model(ids, attention_mask=attention_mask)
-    assert len(calls) == 1
+    assert len(layouts) == 1
     attention_mask[1, 10:] = 0  # a new batch (new mask tensors): computed again
     model(ids, attention_mask=attention_mask)
-    assert len(calls) == 2
+    assert len(layouts) == 2
 
 
 def test_interleaved_layer_kinds_compute_the_layout_once_per_mask_not_once_per_switch(monkeypatch):
     """Gemma 3 alternates a sliding-window mask and a global one (twice here: 12 layers): two layouts, not four."""
-    calls = []
-    original = s2.s2_layout
-    monkeypatch.setattr(s2, "s2_layout", lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
+    layouts = recorded_layouts(monkeypatch)
     layer_types = (["sliding_attention"] * 5 + ["full_attention"]) * 2
     model = tiny_model("gemma3-interleaved", num_hidden_layers=12, layer_types=layer_types)
     use_s2_attention(model)
     model.train()
     ids, attention_mask = batch()
     model(ids, attention_mask=attention_mask)
-    assert len(calls) == 2
+    assert len(layouts) == 2
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_architecture_computes_the_layout_once_per_forward_and_mask_kind(arch, monkeypatch):
+    layouts = recorded_layouts(monkeypatch)
+    model = tiny_model(arch)
+    use_s2_attention(model)
+    model.train()
+    ids, attention_mask = batch()
+    for forwards in (1, 2):
+        model(ids, attention_mask=attention_mask)
+        assert len(layouts) == forwards * mask_kinds(model)
+
+
+def test_gradient_checkpointing_recomputes_the_layers_with_the_layouts_of_their_forward(monkeypatch):
+    layouts = recorded_layouts(monkeypatch)
+    model = tiny_model("gemma3-interleaved")
+    use_s2_attention(model)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    ids, attention_mask = batch()
+    model(ids, attention_mask=attention_mask, labels=ids).loss.backward()
+    assert len(layouts) == mask_kinds(model) == 2
+
+
+def test_a_model_loaded_with_attn_implementation_s2_computes_the_layout_once_per_forward(tmp_path, monkeypatch):
+    tiny_model("llama", num_hidden_layers=3).save_pretrained(tmp_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="s2").train()
+    layouts = recorded_layouts(monkeypatch)
+    ids, attention_mask = batch()
+    model(ids, attention_mask=attention_mask)
+    assert len(layouts) == 1
+
+
+# Two batches of one shape, padded differently: a layout of one used for the other gives wrong outputs.
+IDS, _ = batch()
+TWO_MASKS = [batch(lengths=(24, 17))[1], batch(lengths=(13, 24))[1]]
+
+
+def assert_trained_like(model, logits, attention_mask, expected):
+    expected_logits, expected_grads = expected
+    real = attention_mask.bool()
+    torch.testing.assert_close(logits[real], expected_logits[real], atol=1e-10, rtol=0)
+    for parameter, expected_grad in zip(model.parameters(), expected_grads):
+        torch.testing.assert_close(parameter.grad, expected_grad, atol=1e-10, rtol=0)
+
+
+def test_two_models_in_interleaved_forwards_each_use_their_own_layouts():
+    """Both forwards run before either backward, and under gradient checkpointing each backward recomputes
+    its model's layers after the other model's forward."""
+    expected = [expected_training("llama", seed, IDS, mask) for seed, mask in enumerate(TWO_MASKS)]
+    models = []
+    for seed in range(2):
+        model = tiny_model("llama", seed=seed).double()
+        use_s2_attention(model)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        models.append(model.train())
+    logits = [model(IDS, attention_mask=mask).logits for model, mask in zip(models, TWO_MASKS)]
+    for model_logits, mask in zip(logits, TWO_MASKS):
+        model_logits[mask.bool()].pow(2).mean().backward()
+    for model, model_logits, mask, model_expected in zip(models, logits, TWO_MASKS, expected):
+        assert_trained_like(model, model_logits.detach(), mask, model_expected)
+
+
+def test_two_threads_training_two_models_at_once_each_use_their_own_layouts(monkeypatch):
+    expected = [expected_training("llama", seed, IDS, mask) for seed, mask in enumerate(TWO_MASKS)]
+    layouts = recorded_layouts(monkeypatch)
+    same_layer = threading.Barrier(2, timeout=60)
+
+    def in_step(module, *args, **kwargs):
+        same_layer.wait()  # both forwards are in the same layer at once
+        return s2_attention_forward(module, *args, **kwargs)
+
+    AttentionInterface.register("s2_in_step", in_step)
+    AttentionMaskInterface.register("s2_in_step", longlora_hf.attention.s2_mask)
+    models = []
+    for seed in range(2):
+        model = tiny_model("llama", seed=seed).double()
+        use_s2_attention(model)
+        model.set_attn_implementation("s2_in_step")
+        models.append(model.train())
+    results, errors = {}, []
+
+    def train(index):
+        try:
+            logits = models[index](IDS, attention_mask=TWO_MASKS[index]).logits
+            logits[TWO_MASKS[index].bool()].pow(2).mean().backward()
+            results[index] = (threading.get_ident(), logits.detach())
+        except BaseException as error:
+            same_layer.abort()  # let the other thread fail instead of waiting for this one
+            errors.append(error)
+
+    threads = [threading.Thread(target=train, args=(index,)) for index in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    for index, (thread, logits) in results.items():
+        assert_trained_like(models[index], logits, TWO_MASKS[index], expected[index])
+        assert len([layout for computed_by, layout in layouts if computed_by == thread]) == 1
+
+
+def test_no_layout_outlives_its_forward(monkeypatch):
+    """Layouts live in the forward's masks: once its outputs are gone (and with them the graph from which
+    recomputation under gradient checkpointing reads the masks), nothing keeps them."""
+    layouts = recorded_layouts(monkeypatch)
+    model = tiny_model("gemma3-interleaved")
+    use_s2_attention(model)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    ids, attention_mask = batch()
+    outputs = model(ids, attention_mask=attention_mask, labels=ids)
+    outputs.loss.backward()
+    computed = [weakref.ref(layout) for _, layout in layouts]
+    layouts.clear()
+    del outputs
+    gc.collect()
+    assert len(computed) == 2 and all(layout() is None for layout in computed)
+
+
+def test_a_4d_mask_built_by_the_caller_trains_through_s2():
+    """transformers hands such a mask to the layers as it is; S2 reads the padding from it."""
+    model = tiny_model("llama").double().train()
+    ids, attention_mask = batch()
+    real = attention_mask.bool()
+    mask_4d = (torch.ones(24, 24, dtype=torch.bool).tril() & real[:, None, :])[:, None]
+    register_reference(real)
+    model.set_attn_implementation("s2_reference")
+    expected = model(ids, attention_mask=mask_4d).logits
+    use_s2_attention(model)
+    got = model(ids, attention_mask=mask_4d).logits
+    torch.testing.assert_close(got[real], expected[real], atol=1e-10, rtol=0)
+
+
+def test_attention_dropout_is_not_applied_in_evaluation():
+    model = tiny_model("llama", attention_dropout=0.5)
+    ids, attention_mask = batch()
+    model.set_attn_implementation("sdpa")
+    expected = model(ids, attention_mask=attention_mask).logits
+    use_s2_attention(model)
+    assert torch.equal(model(ids, attention_mask=attention_mask).logits, expected)  # eval mode, gradients enabled
 
 
 @pytest.mark.parametrize("inner,expected_dims", [("sdpa", 4), ("flash_attention_2", 2)])
 def test_the_s2_mask_function_makes_the_mask_its_inner_backend_expects(inner, expected_dims):
+    """Without gradients (evaluation, generation) it is exactly the inner backend's mask; with them, the same
+    mask inside the `S2Mask` that carries this forward's layouts."""
     from transformers.masking_utils import create_causal_mask
 
     config = tiny_config("llama")
     S2AttentionSettings(inner_attn_implementation=inner).write_to(config)
-    config._attn_implementation = "s2"
     _, attention_mask = batch()
-    mask = create_causal_mask(
-        config=config, inputs_embeds=torch.zeros(2, 24, 32), attention_mask=attention_mask, past_key_values=None
-    )
-    assert mask.dim() == expected_dims
-    if expected_dims == 2:
-        assert torch.equal(mask, attention_mask.bool())
+    inputs = dict(inputs_embeds=torch.zeros(2, 24, 32), attention_mask=attention_mask, cache=None)
+    config._attn_implementation = inner
+    expected = create_causal_mask(config=config, **inputs)
+    assert expected.dim() == expected_dims
+    config._attn_implementation = "s2"
+    with torch.no_grad():
+        assert torch.equal(create_causal_mask(config=config, **inputs), expected)
+    training = create_causal_mask(config=config, **inputs)
+    assert isinstance(training, S2Mask) and torch.equal(training.inner, expected)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(use_reentrant):
+    """Reentrant checkpointing (TRL's choice for PEFT under DeepSpeed ZeRO-3) runs each layer's forward without
+    gradients; that forward is still a training forward, and must be S2 like its recomputation."""
     ids, attention_mask = batch()
-    grads = []
+    losses, grads = [], []
     for checkpointing in (False, True):
         model = tiny_model("llama").double()
         use_s2_attention(model)
         if checkpointing:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
         model.train()
-        model(ids, attention_mask=attention_mask, labels=ids).loss.backward()
+        loss = model(ids, attention_mask=attention_mask, labels=ids).loss
+        loss.backward()
+        losses.append(loss.detach())
         grads.append([p.grad for p in model.parameters()])
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-12, rtol=0)
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
 

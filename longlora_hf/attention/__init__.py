@@ -6,7 +6,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from .s2 import S2Layout, s2_attention_forward, s2_layout, s2_mask
+from .s2 import S2Layout, S2Mask, check_causal, check_even_heads, s2_attention_forward, s2_layout, s2_mask
 from .settings import (
     INNER_ATTN_IMPLEMENTATIONS,
     S2_ATTN_IMPLEMENTATION,
@@ -20,6 +20,7 @@ __all__ = [
     "S2_ATTN_IMPLEMENTATION",
     "S2AttentionSettings",
     "S2Layout",
+    "S2Mask",
     "check_s2_compatible",
     "inner_attn_implementation_for",
     "register_attention",
@@ -47,17 +48,10 @@ def check_s2_compatible(model: torch.nn.Module) -> None:
             "known to reach it. Train it without S2 (use_s2_attn=False) or pick an architecture that declares it."
         )
     causal_flags = [m.is_causal for m in model.modules() if isinstance(getattr(m, "is_causal", None), bool)]
-    if causal_flags and not any(causal_flags):
-        raise ValueError(
-            f"attn_implementation='s2' is for causal language models, but every attention layer of "
-            f"{type(model).__name__} is non-causal (an encoder). Use attn_implementation='sdpa'."
-        )
+    check_causal(not causal_flags or any(causal_flags), f"every attention layer of {type(model).__name__}")
     heads = getattr(model.config.get_text_config(), "num_attention_heads", None)
-    if isinstance(heads, int) and heads % 2:
-        raise ValueError(
-            f"S2-Attn splits the attention heads in two halves, but {type(model).__name__} has "
-            f"num_attention_heads={heads} (odd). Use attn_implementation='sdpa' for this model."
-        )
+    if isinstance(heads, int):
+        check_even_heads(heads, type(model).__name__)
 
 
 def use_s2_attention(

@@ -17,14 +17,21 @@ segment is grouped on its own, so a padded or packed sequence gets exactly the a
 alone. The groups of each half are written as cumulative lengths over the real tokens (`cu_seqlens`,
 the flash-attn varlen layout); the SDPA path runs the same layout bucketed by group length.
 
+Computing a layout is host-side work with a device-to-host copy, so it is done once per forward pass,
+not once per layer: in training, the mask function registered for "s2" wraps the inner backend's mask
+in an `S2Mask`, which transformers hands to every layer of one forward and which keeps the layouts
+computed from it. They live as long as that forward; nothing is shared between forwards, models or
+threads.
+
 Evaluation, generation (no gradients) and any call whose keys outnumber its queries (a KV cache) use
-exact dense attention through the inner backend ("sdpa" by default).
+exact dense attention through the inner backend ("sdpa" by default). A training forward is one started
+with gradients enabled: its `S2Mask` keeps S2 on in the layers that reentrant gradient checkpointing runs
+without gradients, so their forward and their recomputation agree.
 """
 
 from __future__ import annotations
 
-import weakref
-from dataclasses import astuple, dataclass
+from dataclasses import astuple, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -80,10 +87,10 @@ def group_lengths(length: int, group_size: int, shift: bool = True) -> tuple[lis
         unshifted.append(length % group_size)
     if not shift:
         return unshifted, unshifted
-    shift = group_size // 2
-    shifted = [shift] + [group_size] * ((length - shift) // group_size)
-    if (length - shift) % group_size:
-        shifted.append((length - shift) % group_size)
+    half_group = group_size // 2  # the shifted groups start half a group in
+    shifted = [half_group] + [group_size] * ((length - half_group) // group_size)
+    if (length - half_group) % group_size:
+        shifted.append((length - half_group) % group_size)
     return unshifted, shifted
 
 
@@ -120,41 +127,6 @@ def s2_layout(
     return S2Layout(token_index, cu_seqlens, (max(lengths[0]), max(lengths[1])), runs)
 
 
-# The last few layouts, newest last: (key, weak references to the mask and position tensors, layout).
-_layout_cache: list[tuple] = []
-_LAYOUT_CACHE_SIZE = 4
-
-
-def cached_s2_layout(
-    attention_mask: torch.Tensor | None,
-    position_ids: torch.Tensor | None,
-    batch: int,
-    seq: int,
-    settings: S2AttentionSettings,
-    device: torch.device,
-) -> S2Layout:
-    """`s2_layout` of this batch, computed once per forward pass rather than once per layer.
-
-    Every layer of one forward (and its recomputation under gradient checkpointing) receives the same
-    mask and position tensors, so a layout is reused while they are the same live, unmodified objects.
-    This keeps the host-side work and the device-to-host copy it needs out of the layer loop. Models
-    that interleave layer kinds (Gemma 3: sliding-window and global layers) hand their layers a mask
-    of each kind; a few layouts are kept, so each mask's is computed once per forward, not once per
-    switch between kinds.
-    """
-    tensors = (attention_mask, position_ids)
-    key = (batch, seq, device, astuple(settings), tuple(None if t is None else t._version for t in tensors))
-    for cached_key, refs, layout in reversed(_layout_cache):
-        if cached_key == key and all(
-            (ref is None and t is None) or (ref is not None and ref() is t) for ref, t in zip(refs, tensors)
-        ):
-            return layout
-    layout = s2_layout(real_tokens_from_mask(attention_mask, batch, seq), position_ids, settings, device)
-    _layout_cache.append((key, tuple(None if t is None else weakref.ref(t) for t in tensors), layout))
-    del _layout_cache[:-_LAYOUT_CACHE_SIZE]
-    return layout
-
-
 def real_tokens_from_mask(attention_mask: torch.Tensor | None, batch: int, seq: int) -> torch.Tensor:
     """Which positions hold real tokens, from the mask the inner backend's mask function made.
 
@@ -169,6 +141,41 @@ def real_tokens_from_mask(attention_mask: torch.Tensor | None, batch: int, seq: 
     diagonal = torch.diagonal(attention_mask[:, 0, :, -seq:], dim1=-2, dim2=-1)
     real = diagonal if diagonal.dtype == torch.bool else diagonal == 0
     return real.expand(batch, seq)
+
+
+@dataclass(eq=False)
+class S2Mask:
+    """What the "s2" mask function returns when gradients are enabled: the inner backend's mask for one
+    forward pass, and the layouts computed from it in that pass.
+
+    transformers builds each kind of mask (causal, sliding-window) once per forward and hands the same
+    object to every layer of that kind, so the first layer computes the layout and the others reuse it, as
+    does the recomputation of a layer under gradient checkpointing (it gets the same arguments). Every
+    layer of a forward gets the same `position_ids` tensor, so the memo recognises it by identity, and
+    holds it: the memo and what it holds live as long as this mask, that is, as long as the forward.
+    """
+
+    inner: torch.Tensor | None
+    """The inner backend's mask: 4D for SDPA, 2D for flash-attn; None where it needs none (no padding)."""
+    layouts: list[tuple[torch.Tensor | None, tuple, S2Layout]] = field(default_factory=list)
+    """(position_ids, (batch, seq, device, settings), layout) of each layout computed from this mask."""
+
+    def layout(
+        self,
+        position_ids: torch.Tensor | None,
+        batch: int,
+        seq: int,
+        settings: S2AttentionSettings,
+        device: torch.device,
+    ) -> S2Layout:
+        """The layout for a call with these position ids and sizes, computed on its first call."""
+        key = (batch, seq, device, astuple(settings))
+        for known_position_ids, known_key, layout in self.layouts:
+            if known_position_ids is position_ids and known_key == key:
+                return layout
+        layout = s2_layout(real_tokens_from_mask(self.inner, batch, seq), position_ids, settings, device)
+        self.layouts.append((position_ids, key, layout))
+        return layout
 
 
 def kv_head_halves(key: torch.Tensor, heads: int) -> list[torch.Tensor]:
@@ -293,16 +300,21 @@ def flash_varlen(
     return out[..., :value_dim] if value_dim != out.shape[-1] else out
 
 
-def _check_trainable(module: torch.nn.Module, query: torch.Tensor, is_causal: bool | None) -> None:
-    if is_causal is False or not getattr(module, "is_causal", True):
+def check_causal(is_causal: bool, owner: str) -> None:
+    """Refuse non-causal attention: S2-Attn's groups restrict a causal mask. `owner` names the model or layer."""
+    if not is_causal:
         raise ValueError(
-            f"attn_implementation='s2' is for causal language models, but {type(module).__name__} runs "
-            "non-causal (encoder) attention. Load this model with attn_implementation='sdpa'."
+            f"S2-Attn is for causal language models (each token attends only to earlier tokens), but {owner} is "
+            "non-causal (is_causal=False: an encoder). Use attn_implementation='sdpa' for this model."
         )
-    if query.shape[1] % 2:
+
+
+def check_even_heads(heads: int, owner: str) -> None:
+    """Refuse an odd number of attention heads: S2-Attn gives each half of them its own groups."""
+    if heads % 2:
         raise ValueError(
-            f"S2-Attn splits the attention heads in two halves, but {type(module).__name__} has "
-            f"{query.shape[1]} heads (odd). Use attn_implementation='sdpa' for this model."
+            f"S2-Attn splits the attention heads into two halves, so their number must be even; {owner} has "
+            f"num_attention_heads={heads}. Use attn_implementation='sdpa' for this model."
         )
 
 
@@ -311,7 +323,7 @@ def s2_attention_forward(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
+    attention_mask: S2Mask | torch.Tensor | None,
     dropout: float = 0.0,
     scaling: float | None = None,
     is_causal: bool | None = None,
@@ -322,12 +334,17 @@ def s2_attention_forward(
     """Shifted sparse attention in training, dense attention otherwise.
 
     query/key: [batch, heads or kv_heads, seq, dim]; value: [batch, kv_heads, seq, value_dim] (GQA/MQA:
-    fewer kv heads; MLA, e.g. DeepSeek-V3: value_dim != dim). Returns ([batch, seq, heads, value_dim],
-    None), the contract of transformers' attention functions.
+    fewer kv heads; MLA, e.g. DeepSeek-V3: value_dim != dim). attention_mask: what `s2_mask` made (an
+    `S2Mask` in training, the inner backend's mask otherwise), or a mask transformers passes through
+    unchanged (a 4D mask the caller built) or None. Returns ([batch, seq, heads, value_dim], None), the
+    contract of transformers' attention functions.
     """
     settings = S2AttentionSettings.from_config(module.config)
     q_len, kv_len = query.shape[2], key.shape[2]
-    if not (module.training and torch.is_grad_enabled()) or q_len != kv_len:
+    # `s2_mask` makes an S2Mask only for a forward started with gradients, so the mask still says "training"
+    # inside a layer that reentrant gradient checkpointing runs without them (its recomputation has them).
+    training = module.training and (isinstance(attention_mask, S2Mask) or torch.is_grad_enabled())
+    if not training or q_len != kv_len:
         dense = ALL_ATTENTION_FUNCTIONS[settings.inner_attn_implementation]
         if is_causal is not None:
             kwargs["is_causal"] = is_causal
@@ -336,14 +353,15 @@ def s2_attention_forward(
             query,
             key,
             value,
-            attention_mask,
+            attention_mask.inner if isinstance(attention_mask, S2Mask) else attention_mask,
             dropout=dropout,
             scaling=scaling,
             sliding_window=sliding_window,
             position_ids=position_ids,
             **kwargs,
         )
-    _check_trainable(module, query, is_causal)
+    check_causal(is_causal is not False and getattr(module, "is_causal", True), type(module).__name__)
+    check_even_heads(query.shape[1], type(module).__name__)
     if kwargs.get("softcap") is not None:
         raise ValueError(
             f"S2-Attn does not support attention logit soft-capping (softcap={kwargs['softcap']}) of "
@@ -352,7 +370,13 @@ def s2_attention_forward(
 
     batch, heads, seq, _ = query.shape
     value_dim = value.shape[-1]  # differs from the query/key head size under MLA (DeepSeek-V2/V3)
-    layout = cached_s2_layout(attention_mask, position_ids, batch, seq, settings, query.device)
+    if isinstance(attention_mask, S2Mask):
+        layout = attention_mask.layout(position_ids, batch, seq, settings, query.device)
+    else:
+        # A 4D mask the caller built (transformers passes it through) or None from a wrapper: nothing ties
+        # this call to the other layers of its forward, so it computes its own layout.
+        real = real_tokens_from_mask(attention_mask, batch, seq)
+        layout = s2_layout(real, position_ids, settings, query.device)
     # [batch, heads, seq, dim] -> [batch * seq, heads, dim], then keep the real tokens only.
     q, k, v = (x.transpose(1, 2).reshape(batch * seq, x.shape[1], x.shape[3]) for x in (query, key, value))
     if layout.token_index is not None:
@@ -378,11 +402,15 @@ def s2_attention_forward(
     return out.view(batch, seq, heads, value_dim), None
 
 
-def s2_mask(*args, config=None, **kwargs):
+def s2_mask(*args, config=None, **kwargs) -> S2Mask | torch.Tensor | None:
     """The mask function registered for "s2": the inner backend's own (a 4D mask for SDPA, 2D for flash).
 
-    Training reads only O(seq) of it (padding from its diagonal); evaluation hands it to the inner
-    backend unchanged, so dense attention is exactly the inner backend's.
+    transformers calls it once per forward pass and mask kind. With gradients enabled (training) the mask
+    comes wrapped in an `S2Mask`, which marks a training forward and carries the layout from the first
+    layer to the others. Without them (evaluation, generation) attention is dense, and the inner backend's
+    mask is returned as it is, so generation's own mask handling is untouched. Training reads only O(seq)
+    of the mask (padding from its diagonal); the dense path hands it to the inner backend unchanged.
     """
-    inner = S2AttentionSettings.from_config(config).inner_attn_implementation
-    return ALL_MASK_ATTENTION_FUNCTIONS[inner](*args, config=config, **kwargs)
+    inner_attn_implementation = S2AttentionSettings.from_config(config).inner_attn_implementation
+    mask = ALL_MASK_ATTENTION_FUNCTIONS[inner_attn_implementation](*args, config=config, **kwargs)
+    return S2Mask(mask) if torch.is_grad_enabled() else mask
