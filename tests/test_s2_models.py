@@ -454,14 +454,22 @@ def test_every_architecture_computes_the_layout_once_per_forward_and_mask_kind(a
         assert len(layouts) == forwards * mask_kinds(model)
 
 
-def test_gradient_checkpointing_recomputes_the_layers_with_the_layouts_of_their_forward(monkeypatch):
+def checkpointed_training_step(monkeypatch):
+    """One training step of Gemma 3 (two mask kinds) under gradient checkpointing: (the layouts computed,
+    the model, its outputs)."""
     layouts = recorded_layouts(monkeypatch)
     model = tiny_model("gemma3-interleaved")
     use_s2_attention(model)
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     ids, attention_mask = batch()
-    model(ids, attention_mask=attention_mask, labels=ids).loss.backward()
+    outputs = model(ids, attention_mask=attention_mask, labels=ids)
+    outputs.loss.backward()
+    return layouts, model, outputs
+
+
+def test_gradient_checkpointing_recomputes_the_layers_with_the_layouts_of_their_forward(monkeypatch):
+    layouts, model, _ = checkpointed_training_step(monkeypatch)
     assert len(layouts) == mask_kinds(model) == 2
 
 
@@ -546,14 +554,7 @@ def test_two_threads_training_two_models_at_once_each_use_their_own_layouts(monk
 def test_no_layout_outlives_its_forward(monkeypatch):
     """Layouts live in the forward's masks: once its outputs are gone (and with them the graph from which
     recomputation under gradient checkpointing reads the masks), nothing keeps them."""
-    layouts = recorded_layouts(monkeypatch)
-    model = tiny_model("gemma3-interleaved")
-    use_s2_attention(model)
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    ids, attention_mask = batch()
-    outputs = model(ids, attention_mask=attention_mask, labels=ids)
-    outputs.loss.backward()
+    layouts, _, outputs = checkpointed_training_step(monkeypatch)
     computed = [weakref.ref(layout) for _, layout in layouts]
     layouts.clear()
     del outputs
