@@ -256,9 +256,11 @@ def leave_without_interpreter_teardown(code: int) -> None:
 
     With DeepSpeed on the CPU, a Gloo worker thread still finishing DeepSpeed's asynchronous communication
     can need the GIL while the interpreter tears down, and the rank aborts ("terminate called without an
-    active exception") after a good, saved run, failing the launch. The atexit handlers (experiment
-    trackers, logging) run first, while Python is whole. Remove once DeepSpeed's CPU communication is
-    joined at `destroy_process_group`.
+    active exception") after a good, saved run, failing the launch. Still needed after the trainer has
+    ended its process group (`accelerator.end_training()`): without this exit, the ZeRO-3 resume test
+    (`test_a_zero3_run_resumed_from_its_checkpoint_ends_with_the_uninterrupted_adapter`) aborted so in 1
+    of 6 runs on a loaded 2-core machine. The atexit handlers (experiment trackers, logging) run first,
+    while Python is whole. Remove once DeepSpeed's CPU communication is joined at `destroy_process_group`.
     """
     import atexit
 
