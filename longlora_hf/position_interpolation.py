@@ -162,9 +162,24 @@ def _extend_scheme(parameters: dict, step: float, current: int, max_positions: i
     return extended
 
 
-def _check_rope_type(rope_type: str | None, parameters: dict, owner: str) -> None:
+def check_target_context_length(target_context_length) -> None:
+    """Raise unless `target_context_length` is a positive integer number of tokens (a bool is not)."""
+    if isinstance(target_context_length, bool) or not isinstance(target_context_length, int) or target_context_length <= 0:
+        raise ValueError(
+            f"target_context_length must be a positive integer number of tokens; got {target_context_length!r}. "
+            "Use e.g. 32768, or None to keep the model's positions."
+        )
+
+
+def check_rope_type(rope_type) -> None:
+    """Raise unless `rope_type` is None (extend the model's own scheme) or one of `ROPE_TYPES`."""
     if rope_type is not None and rope_type not in ROPE_TYPES:
         raise ValueError(f"rope_type must be None (extend the model's own scheme) or one of {ROPE_TYPES}; got {rope_type!r}.")
+
+
+def _check_rope_type_fits(rope_type: str | None, parameters: dict, owner: str) -> None:
+    """Raise when `rope_type` would replace the model's own RoPE scaling, or the model's scheme is not extendable."""
+    check_rope_type(rope_type)
     schemes = parameters.values() if _is_per_layer_type(parameters) else [parameters]
     for scheme in schemes:
         own = (scheme or {}).get("rope_type", "default")
@@ -184,11 +199,7 @@ def plan_position_interpolation(config, target_context_length: int, rope_type: s
     `rope_type=None` extends the model's own scheme; 'linear', 'dynamic' or 'yarn' choose the scheme for a
     model with plain RoPE, and are refused where they would replace another scheme.
     """
-    if isinstance(target_context_length, bool) or not isinstance(target_context_length, int) or target_context_length <= 0:
-        raise ValueError(
-            f"target_context_length must be a positive integer number of tokens; got {target_context_length!r}. "
-            "Use e.g. 32768, or None to keep the model's positions."
-        )
+    check_target_context_length(target_context_length)
     config = _text_config(config)
     owner = type(config).__name__
     parameters = rope_parameters_of(config)
@@ -198,7 +209,7 @@ def plan_position_interpolation(config, target_context_length: int, rope_type: s
             "position interpolation cannot extend. Pass target_context_length=None (LoRA+ and S2-Attn still apply) "
             "or choose a RoPE model."
         )
-    _check_rope_type(rope_type, parameters, owner)
+    _check_rope_type_fits(rope_type, parameters, owner)
     max_positions = config.max_position_embeddings
     current = context_length(config)
     if parameters.get("rope_type") == "linear" and "original_max_position_embeddings" not in parameters:

@@ -1,1 +1,1 @@
-"""Model card templates (installed as `longlora_hf.model_cards`), rendered with `str.format`."""
+"""Model card templates (installed as `longlora_hf.model_cards`), filled with `str.format` by `longlora_hf.model_card`."""

@@ -12,7 +12,7 @@ from peft import LoraConfig, get_peft_model
 
 from longlora_hf import LongLoraConfig
 from longlora_hf.hub import push_adapter_to_hub, render_model_card, write_model_card
-from longlora_hf.hub.card import GENERATED_MARK
+from longlora_hf.model_card import GENERATED_MARK
 
 
 def trained_config(**overrides) -> LongLoraConfig:

@@ -27,19 +27,32 @@ def ids():
 
 
 # The LoRA targets the reference code (dvlab-research/LongLoRA, fine-tune.py) puts on each architecture.
-REFERENCE_TARGETS = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj"], "gpt-neox": ["query_key_value", "dense"]}
+REFERENCE_TARGETS = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gpt-neox": ["query_key_value", "dense"],
+    "gpt-j": ["q_proj", "k_proj", "v_proj", "out_proj"],
+}
+# GPT-J names its input embedding `wte` and its norms `ln_1`, `ln_f`: nothing of it has "embed" or "norm" in its name.
+GPT_J = dict(vocab_size=128, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=256, bos_token_id=2, eos_token_id=3)
+
+
+def base_model(architecture, **overrides):
+    if architecture == "gpt-j":
+        return transformers.GPTJForCausalLM(transformers.GPTJConfig(**GPT_J, **overrides)).eval()
+    return tiny_model(architecture, **overrides)
 # Parameter names the reference's transformers (4.34) used where today's differ: GPT-NeoX's output head was
 # `embed_out` (so the reference trained it: its name contains "embed"), today it is `lm_head`.
 TRANSFORMERS_4_NAMES = {"gpt-neox": {"base_model.model.lm_head.": "base_model.model.embed_out."}}
 
 
-def write_reference_checkpoint(tmp_path, architecture="llama", **overrides):
+def write_reference_checkpoint(tmp_path, architecture="llama", trainable_params=("embed", "norm"), **overrides):
     """A checkpoint in the reference layout: a LoRA adapter (.bin) plus trainable_params.bin, the parameters
-    whose names (transformers 4.34 names) contain "embed" or "norm", as the reference writes it. The base is
-    loaded from a directory, so the adapter records it as `base_model_name_or_path`, as the reference's does.
-    Returns the base, the checkpoint, and the trainable tensors under today's names."""
+    whose names (transformers 4.34 names) contain one of `trainable_params` (the reference's --trainable_params,
+    "embed,norm" by default), as the reference writes it. The base is loaded from a directory, so the adapter
+    records it as `base_model_name_or_path`, as the reference's does. Returns the base, the checkpoint, and the
+    trainable tensors under today's names."""
     base_dir = tmp_path / "base"
-    tiny_model(architecture, **overrides).save_pretrained(base_dir)
+    base_model(architecture, **overrides).save_pretrained(base_dir)
     base = transformers.AutoModelForCausalLM.from_pretrained(base_dir)
     model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=REFERENCE_TARGETS[architecture]))
     trained(model)
@@ -54,16 +67,17 @@ def write_reference_checkpoint(tmp_path, architecture="llama", **overrides):
     trainable = {  # named_parameters: a tied weight appears once, under the input embedding's name
         name: value.detach() + 0.05 * torch.randn(value.shape, generator=generator)
         for name, value in model.named_parameters()
-        if "embed" in reference_name(name) or "norm" in reference_name(name)
+        if any(part in reference_name(name) for part in trainable_params)
     }
     torch.save({reference_name(name): value for name, value in trainable.items()}, checkpoint / "trainable_params.bin")
     return base_dir, checkpoint, trainable
 
 
-def reference_way_logits(base_dir, checkpoint, trainable, context):
+def reference_way_logits(base_dir, checkpoint, trainable, context=None):
     """The reference code's loading: RoPE scaled for the context, trainable_params into the base, then the adapter."""
     config = transformers.AutoConfig.from_pretrained(base_dir)
-    config.rope_parameters = {**config.rope_parameters, "rope_type": "linear", "factor": float(-(-context // config.max_position_embeddings))}
+    if context:
+        config.rope_parameters = {**config.rope_parameters, "rope_type": "linear", "factor": float(-(-context // config.max_position_embeddings))}
     base = transformers.AutoModelForCausalLM.from_pretrained(base_dir, config=config)
     missing, unexpected = base.load_state_dict({k.removeprefix("base_model.model."): v for k, v in trainable.items()}, strict=False)
     assert not unexpected
@@ -89,9 +103,10 @@ def test_files_that_are_not_what_they_claim_are_refused(tmp_path, capsys):
     (checkpoint / "trainable_params.bin").write_bytes(b"not a checkpoint")
     assert cli_main(["convert-reference", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "x")]) == 2
     assert "is not a PyTorch checkpoint" in capsys.readouterr().err
-    torch.save({"model.layers.0.mlp.up_proj.weight": torch.zeros(2)}, checkpoint / "trainable_params.bin")
+    torch.save({"model.layers.0.mlp.up_proj.weight": torch.zeros(64, 32)}, checkpoint / "trainable_params.bin")
     assert cli_main(["convert-reference", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "x")]) == 2
-    assert "neither embeddings nor norms" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "model.layers.0.mlp.up_proj (Linear)" in error and "neither the input embedding nor a normalization layer" in error
 
     class Payload:
         def __reduce__(self):
@@ -131,8 +146,8 @@ def test_merge_writes_a_model_plain_transformers_loads_with_the_same_logits(tmp_
 @pytest.mark.parametrize(
     "damage,message",
     [
-        (lambda t: t.__setitem__("base_model.model.model.norm.weight", torch.ones(31)), r"model.norm.weight has shape \(31,\); a norm weight is a vector of the hidden size \[32\]"),
-        (lambda t: t.__setitem__("base_model.model.model.embed_tokens.weight", torch.ones(128)), r"embed_tokens.weight has shape \(128,\); an embedding is a \(vocab, hidden\) matrix"),
+        (lambda t: t.__setitem__("base_model.model.model.norm.weight", torch.ones(31)), r"model.norm.weight has shape \(31,\); \S*base has \(32,\)"),
+        (lambda t: t.__setitem__("base_model.model.model.embed_tokens.weight", torch.ones(128)), r"embed_tokens.weight has shape \(128,\); \S*base has \(128, 32\)"),
     ],
     ids=["norm-width", "embedding-not-a-matrix"],
 )
@@ -202,6 +217,17 @@ def test_reference_gpt_neox_names_map_to_todays_with_the_output_head_kept(tmp_pa
     expected = reference_way_logits(base_dir, checkpoint, trainable, 1024)
     converted = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base_dir), out).eval()
     torch.testing.assert_close(converted(ids()).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_the_embedding_and_norms_are_told_by_the_bases_modules_not_by_their_names(tmp_path):
+    # Trained with the reference's --trainable_params "wte,ln_", since GPT-J's names hold no "embed" or "norm".
+    base_dir, checkpoint, trainable = write_reference_checkpoint(tmp_path, "gpt-j", trainable_params=("wte", "ln_"))
+    assert {name.rsplit(".", 2)[-2] for name in trainable} == {"wte", "ln_1", "ln_f"}
+    assert convert(checkpoint, tmp_path / "converted") == 0
+    config = json.loads((tmp_path / "converted" / "adapter_config.json").read_text())
+    assert config["trainable_embeddings"] and config["trainable_norms"] and config["modules_to_save"] == ["ln_1", "ln_f", "wte"]
+    converted = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "converted").eval()
+    torch.testing.assert_close(converted(ids()).logits, reference_way_logits(base_dir, checkpoint, trainable), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize(

@@ -229,8 +229,8 @@ def test_sft_push_to_hub_publishes_the_trained_adapter_with_its_training_in_the_
     out = tmp_path / "run"
     result = succeeded(hub_python(hub, tmp_path / "home_train", f"""
         import sys
-        from longlora_hf.sft import main
-        sys.exit(main(["--config", "trainer_configs/recipes/tiny_cpu.yaml", "--model_name_or_path", "{BASE}",
+        from longlora_hf.cli import main
+        sys.exit(main(["sft", "--config", "trainer_configs/recipes/tiny_cpu.yaml", "--model_name_or_path", "{BASE}",
                        "--output_dir", "{out}", "--max_steps", "2", "--disable_tqdm", "true",
                        "--push_to_hub", "true", "--hub_model_id", "{SFT}"]))
     """))

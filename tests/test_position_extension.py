@@ -17,6 +17,7 @@ from helpers import trained
 from peft import AutoPeftModelForCausalLM, get_peft_model
 
 from longlora_hf import LongLoraConfig, save_as_plain_lora
+from longlora_hf.tuner import plan_position_interpolation
 
 TINY = dict(vocab_size=128, intermediate_size=64, num_hidden_layers=1, pad_token_id=1, bos_token_id=2, eos_token_id=3)
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
@@ -329,3 +330,16 @@ def test_linear_scaling_without_a_recorded_original_says_how_it_was_read():
     base = model_of(linear())
     with pytest.warns(UserWarning, match=r"read as the reference LongLoRA convention .* handles 8192 tokens.*original_max_position_embeddings'\] = 2048"):
         get_peft_model(base, LongLoraConfig(target_context_length=16384, use_s2_attn=False))
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [dict(target_context_length=value) for value in (0, -5, 1.5, "32k", True)] + [dict(target_context_length=8192, rope_type="llama3")],
+    ids=["zero", "negative", "float", "string", "bool", "rope_type-llama3"],
+)
+def test_the_config_and_the_planner_refuse_the_same_values_in_the_same_words(arguments):
+    with pytest.raises(ValueError) as from_config:
+        LongLoraConfig(**arguments)
+    with pytest.raises(ValueError) as from_planner:
+        plan_position_interpolation(llama2(), **arguments)
+    assert str(from_config.value) == str(from_planner.value)

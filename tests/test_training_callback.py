@@ -8,10 +8,12 @@ import math
 
 import pytest
 import torch
+import transformers
 from helpers import tiny_model
 from datasets import Dataset
 from huggingface_hub import ModelCard
-from peft import LoraConfig
+from peft import LoraConfig, get_peft_model
+from transformers import TrainerControl, TrainerState, TrainingArguments
 from trl import SFTConfig, SFTTrainer
 
 from longlora_hf import LongLoraConfig
@@ -42,6 +44,33 @@ def test_the_report_says_what_runs_and_is_logged_once(tmp_path, tiny_tokenizer, 
     assert report.trainable["LoRA"] == 2 * (8 * (32 + 32) * 2 + 8 * (32 + 16) * 2) and "other" not in report.trainable
     messages = [r.getMessage() for r in caplog.records if r.getMessage().startswith("LongLoRA:")]
     assert messages == [str(report)] and "4 groups" in messages[0]
+
+
+# Architectures whose input embedding or norms are named without "embed"/"norm", beside two that are not.
+NAMED_OTHERWISE = {
+    "gpt-j": lambda: transformers.GPTJForCausalLM(transformers.GPTJConfig(  # norms ln_1, ln_f
+        vocab_size=128, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=256, bos_token_id=2, eos_token_id=3)),
+    "falcon": lambda: transformers.FalconForCausalLM(transformers.FalconConfig(  # final norm ln_f
+        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)),
+    "ctrl": lambda: transformers.CTRLLMHeadModel(transformers.CTRLConfig(  # input embedding w
+        vocab_size=128, n_embd=32, n_layer=2, n_head=4, dff=64)),
+    "llama": lambda: tiny_model("llama"),
+    "gpt-neox": lambda: tiny_model("gpt-neox"),
+}
+
+
+@pytest.mark.parametrize("arch", NAMED_OTHERWISE)
+def test_the_report_counts_lora_the_input_embedding_and_the_norms_by_module_whatever_their_names(arch, tmp_path):
+    base = NAMED_OTHERWISE[arch]()
+    embedding = base.get_input_embeddings().weight.numel()
+    model = get_peft_model(base, LongLoraConfig(use_s2_attn=False))
+    callback = LongLoraCallback()
+    callback.on_train_begin(TrainingArguments(str(tmp_path), report_to=[], use_cpu=True), TrainerState(), TrainerControl(), model=model)
+    trainable = callback.report.trainable
+    assert set(trainable) == {"LoRA", "embeddings", "norms"}  # LongLoRA trains nothing else
+    assert trainable["LoRA"] == sum(p.numel() for name, p in model.named_parameters() if ".lora_" in name)
+    assert trainable["embeddings"] == embedding
+    assert sum(trainable.values()) == model.get_nb_trainable_parameters()[0]
 
 
 def test_s2_required_but_not_running_stops_training(tmp_path, tiny_tokenizer):

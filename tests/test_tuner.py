@@ -18,7 +18,7 @@ from torch import nn
 
 from longlora_hf import LongLoraConfig, save_as_plain_lora
 from longlora_hf.attention import S2AttentionSettings
-from longlora_hf.tuner.model import is_normalization
+from longlora_hf.tuner import is_input_embedding, is_normalization
 
 ROUND_TRIP_ARCHS = ["llama", "qwen2", "gpt-neox", "phi3", "qwen3", "llama-tied"]
 
@@ -172,10 +172,27 @@ def test_get_peft_model_switches_to_s2_with_the_configured_group_size():
     assert S2AttentionSettings.from_config(base.config) == S2AttentionSettings(group_size=16)
 
 
-def test_use_s2_attn_false_leaves_attention_alone():
-    base = tiny_model("llama")
-    get_peft_model(base, LongLoraConfig(use_s2_attn=False))
-    assert base.config._attn_implementation == "sdpa"
+def eager(model):
+    model.set_attn_implementation("eager")
+    return model
+
+
+@pytest.mark.parametrize(
+    "attach",
+    [
+        lambda base, adapter_dir: get_peft_model(base, LongLoraConfig(use_s2_attn=False)),
+        lambda base, adapter_dir: PeftModel.from_pretrained(base, adapter_dir),  # loaded for inference
+        lambda base, adapter_dir: get_peft_model(base, LongLoraConfig(use_s2_attn=False)).load_adapter(adapter_dir, "loaded"),
+    ],
+    ids=["get_peft_model-use_s2_attn-false", "from_pretrained", "load_adapter"],
+)
+def test_where_s2_does_not_train_the_models_attention_is_left_alone(attach, tmp_path):
+    # "eager" is an attention S2 never picks (its inner kernel is sdpa, or flash-attn for a flash model), so
+    # it survives only if nothing switched the attention, there and back.
+    _, _, adapter_dir = save_base_and_adapter("llama", tmp_path)  # trained with S2
+    base = eager(make_base("llama"))
+    attach(base, adapter_dir)
+    assert base.config._attn_implementation == "eager"
 
 
 def run_without_longlora_hf(tmp_path, script):
@@ -306,3 +323,11 @@ def test_is_normalization_finds_norms_by_type():
     assert is_normalization(nn.LayerNorm(4)) and is_normalization(nn.RMSNorm(4))
     assert is_normalization(transformers.models.llama.modeling_llama.LlamaRMSNorm(4))
     assert not is_normalization(nn.Linear(4, 4))
+
+
+def test_a_module_peft_wraps_is_still_what_it_wraps():
+    model = get_peft_model(make_base("llama"), LongLoraConfig(use_s2_attn=False))
+    decoder = model.get_base_model().model
+    assert type(decoder.embed_tokens).__name__ == type(decoder.norm).__name__ == "ModulesToSaveWrapper"
+    assert is_input_embedding(model, decoder.embed_tokens) and is_normalization(decoder.norm)
+    assert not is_input_embedding(model, decoder.norm) and not is_normalization(decoder.embed_tokens)

@@ -27,6 +27,7 @@ from ..metrics.passkey import passkey_retrieval
 from ..metrics.perplexity import token_stream
 from ..metrics.report import NO_PLOTS, context_length_table, plot_perplexity, plots_available
 from ..tuner import LongLoraConfig, apply_position_interpolation
+from ..model_card import render_model_card
 from . import ASSETS
 from .corpus import read_split
 
@@ -227,8 +228,6 @@ def run_ablations(tokenizer, rows, steps, learning_rate, texts, target, stride, 
 
 def model_card(results: dict, steps: int, target: int, trained_context: int, config: LongLoraConfig) -> str:
     """The adapter's README, from the template in `model_cards/`."""
-    from ..hub.card import render_model_card
-
     return render_model_card(
         config,
         base_model="longlora_hf/demo/assets (the bundled demo Llama)",

@@ -4,7 +4,8 @@ The reference layout is a PEFT LoRA adapter directory plus `trainable_params.bin
 of the embedding and normalization weights, which the reference code loads into the base model before
 the adapter. Here both become one LongLoRA adapter: LoRA as is, embeddings and norms as
 `modules_to_save` under today's transformers names, the target context recorded so loading restores the
-position interpolation. The base model's config decides the names, the shapes and the tied weights.
+position interpolation. The base model's config decides the names, the shapes, the tied weights and what
+each tensor is (embedding or norm: by the module of the base it belongs to, as LoRA+ decides, not by name).
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
 
-from ..tuner import LongLoraConfig
+from ..tuner import LongLoraConfig, is_input_embedding, is_normalization
 
 PREFIX = "base_model.model."
 
@@ -48,32 +50,18 @@ def _load_adapter_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"{adapter_dir} has no adapter_model.safetensors or adapter_model.bin.")
 
 
-def _check_shapes(weights: dict[str, torch.Tensor], trainable: dict[str, torch.Tensor], rank: int) -> None:
-    """Refuse tensors whose shapes cannot be what they claim: LoRA factors of another rank, embeddings that
-    are not matrices, norms that are not vectors of the embedding width."""
+def _check_lora_rank(weights: dict[str, torch.Tensor], rank: int) -> None:
+    """Refuse LoRA factors of another rank than the adapter config's."""
     for name, tensor in weights.items():
         if ".lora_A." in name and (tensor.dim() != 2 or tensor.shape[0] != rank):
             raise ValueError(f"adapter weight {name} has shape {tuple(tensor.shape)}; lora_A of rank r={rank} (adapter_config.json) is (r, in_features).")
         if ".lora_B." in name and (tensor.dim() != 2 or tensor.shape[1] != rank):
             raise ValueError(f"adapter weight {name} has shape {tuple(tensor.shape)}; lora_B of rank r={rank} (adapter_config.json) is (out_features, r).")
-    embeddings = {k: v for k, v in trainable.items() if "embed" in k}
-    for name, tensor in embeddings.items():
-        if tensor.dim() != 2:
-            raise ValueError(f"trainable_params.bin: {name} has shape {tuple(tensor.shape)}; an embedding is a (vocab, hidden) matrix.")
-    widths = {v.shape[1] for v in embeddings.values()}
-    for name, tensor in trainable.items():
-        if "embed" not in name and (tensor.dim() != 1 or (widths and tensor.shape[0] not in widths)):
-            raise ValueError(
-                f"trainable_params.bin: {name} has shape {tuple(tensor.shape)}; a norm weight is a vector of the hidden size "
-                f"{sorted(widths) or '(unknown)'}."
-            )
 
 
 def _base_skeleton(base: str | None, recorded: str | None, config_path: Path) -> tuple[nn.Module, str]:
     """The base model built from its config on the meta device (no weights are read or allocated), and
     how to name it in messages. `base` (--base) wins over `recorded` (the adapter's base_model_name_or_path)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     source = base or recorded
     if not source:
         raise ValueError(
@@ -131,13 +119,28 @@ def _check_lora_against_base(weights: dict[str, torch.Tensor], model: nn.Module,
             raise ValueError(f"adapter weight {name} has shape {tuple(tensor.shape)}; {module_name} in {where} needs {wanted}.")
 
 
+def _trained_kind(model: nn.Module, key: str) -> str | None:
+    """What the base's weight `key` belongs to, as LoRA+ decides it (by module): "embeddings" (the input
+    embedding), "norms" (a normalization layer), "output head" (kept: the reference trained GPT-NeoX's,
+    named `embed_out`), or None for anything else."""
+    module = model.get_submodule(key.rpartition(".")[0])
+    if is_input_embedding(model, module):
+        return "embeddings"
+    if is_normalization(module):
+        return "norms"
+    if module is model.get_output_embeddings():
+        return "output head"
+    return None
+
+
 def _map_to_base(
     trainable: dict[str, torch.Tensor], model: nn.Module, where: str
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Rename `trainable` to the base's names of today, refusing any tensor that names none of its weights or
-    has another shape. Returns the tensors under their names and, separately, the copies a weight the base
-    ties to a trained one (an output head tied to the input embedding) needs under its own name: PEFT keeps
-    the tie and loads the tied module from that name."""
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], set[str]]:
+    """Rename `trainable` to the base's names of today, refusing any tensor that names none of its weights,
+    belongs to a module the reference does not train, or has another shape. Returns the tensors under their
+    names; separately, the copies a weight the base ties to a trained one (an output head tied to the input
+    embedding) needs under its own name (PEFT keeps the tie and loads the tied module from that name); and
+    the kinds of module found (see `_trained_kind`)."""
     parameters = dict(model.named_parameters(remove_duplicate=False))
     tied: dict[int, list[str]] = {}  # a parameter -> its names (the tied ones have several)
     for name, parameter in parameters.items():
@@ -145,6 +148,7 @@ def _map_to_base(
     aliases = {name: names for names in tied.values() for name in names}
     renamed: dict[str, torch.Tensor] = {}
     origin: dict[str, str] = {}
+    kinds: set[str] = set()
     for name, tensor in trainable.items():
         key = _todays_name(name.removeprefix(PREFIX), model.config.model_type, parameters)
         if key is None:
@@ -153,8 +157,17 @@ def _map_to_base(
                 "transformers 4.x ones; is this checkpoint for another model? Pass --base with the model it was "
                 "trained from."
             )
+        kind = _trained_kind(model, key)
+        if kind is None:
+            module = key.rpartition(".")[0]
+            raise ValueError(
+                f"trainable_params.bin: {name} is a weight of {module} ({type(model.get_submodule(module)).__name__}) "
+                f"in {where}, neither the input embedding nor a normalization layer: the reference trains only "
+                "those (and GPT-NeoX's output head), so this is not a reference trainable_params.bin."
+            )
         if tuple(tensor.shape) != tuple(parameters[key].shape):
             raise ValueError(f"trainable_params.bin: {name} has shape {tuple(tensor.shape)}; {where} has {tuple(parameters[key].shape)}.")
+        kinds.add(kind)
         canonical = aliases[key][0]
         if canonical in renamed:
             if not torch.equal(renamed[canonical], tensor):
@@ -166,7 +179,7 @@ def _map_to_base(
         renamed[canonical], origin[canonical] = tensor, name
     # copies, not views: safetensors stores no shared memory, and PEFT ties the loaded modules again itself
     copies = {alias: renamed[canonical].clone() for canonical in renamed for alias in aliases[canonical][1:]}
-    return renamed, copies
+    return renamed, copies, kinds
 
 
 def convert_reference_checkpoint(
@@ -177,7 +190,8 @@ def convert_reference_checkpoint(
     The base model's config (`base`, a path or id, else the `base_model_name_or_path` the checkpoint's
     adapter_config.json records; only the config is read) maps the names of the reference's transformers 4.x
     to today's (GPT-NeoX's `embed_out` is `lm_head`), checks every tensor's name and shape against the base,
-    and says which weights the base ties to a trained one (an output head tied to the input embedding is
+    tells by the module each trainable tensor belongs to whether it is the input embedding or a norm (what
+    LoRA+ trains; the reference chose by name, `embed` and `norm`), and says which weights the base ties to a trained one (an output head tied to the input embedding is
     written under its own name too, which PEFT needs to load it). A tensor that is no weight of the base is
     refused by name, never dropped."""
     checkpoint, out = Path(checkpoint), Path(out)
@@ -191,18 +205,12 @@ def convert_reference_checkpoint(
     if not trainable_path.is_file():
         raise FileNotFoundError(f"{checkpoint} has no trainable_params.bin (the embedding and norm weights).")
     trainable = _load_pickle_state_dict(trainable_path)
-    unexpected = sorted(k for k in trainable if "embed" not in k and "norm" not in k)
-    if unexpected:
-        raise ValueError(
-            f"{trainable_path} holds weights that are neither embeddings nor norms: {unexpected[:5]}. "
-            "It is not a reference trainable_params.bin."
-        )
     weights = dict(_load_adapter_weights(checkpoint))
-    _check_shapes(weights, trainable, reference["r"])
+    _check_lora_rank(weights, reference["r"])
     recorded = reference.get("base_model_name_or_path")
     model, where = _base_skeleton(base, recorded, config_path)
     _check_lora_against_base(weights, model, where)
-    renamed, tied_copies = _map_to_base(trainable, model, where)
+    renamed, tied_copies, kinds = _map_to_base(trainable, model, where)
     for name, tensor in {**renamed, **tied_copies}.items():
         weights[PREFIX + name] = tensor.contiguous()
     leaves = sorted({name.rsplit(".", 2)[-2] for name in renamed})
@@ -214,8 +222,8 @@ def convert_reference_checkpoint(
         modules_to_save=leaves,
         target_context_length=target_context_length,
         base_model_name_or_path=base or recorded,
-        trainable_embeddings=any("embed" in leaf for leaf in leaves),
-        trainable_norms=any("norm" in leaf for leaf in leaves),
+        trainable_embeddings="embeddings" in kinds,
+        trainable_norms="norms" in kinds,
         ensure_weight_tying=bool(tied_copies),
     )
     out.mkdir(parents=True, exist_ok=True)

@@ -5,18 +5,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ..model_card import write_model_card
+from ..tuner import longlora_config_of
+from .push import upload_folder
+
 
 def merge_adapter(base: str, adapter: str, out: str | Path, push_to_hub: str | None = None, private: bool = False) -> Path:
     """Load `base` (safetensors, no remote code) and `adapter` (position interpolation restored), merge
     LoRA and the LoRA+ modules, and save a model plain transformers loads with its default attention,
     with a model card. `push_to_hub`: a repo id to upload it to (created if missing; the token is the
     one `huggingface_hub` finds: `HF_TOKEN` or `hf auth login`)."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ..tuner import longlora_config_of
-    from .card import write_model_card
-
     model = AutoModelForCausalLM.from_pretrained(base, use_safetensors=True)
     peft_model = PeftModel.from_pretrained(model, adapter)
     config = longlora_config_of(peft_model)
@@ -33,7 +34,5 @@ def merge_adapter(base: str, adapter: str, out: str | Path, push_to_hub: str | N
         write_model_card(out, config, overwrite=True, base_model=base, repo_or_path=push_to_hub or str(out), merged=True,
                          training_data=f"see the adapter, {adapter}")
     if push_to_hub:
-        from .push import upload_folder
-
         upload_folder(out, push_to_hub, private=private, commit_message=f"Merge LongLoRA adapter {adapter} into {base}")
     return out

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import tempfile
 
+from huggingface_hub import HfApi
+
+from ..model_card import write_model_card
+from ..tuner import longlora_config_of
+
 
 def push_adapter_to_hub(model, repo_id: str, *, private: bool = False, commit_message: str = "Upload LongLoRA adapter",
                         **card_facts) -> str:
@@ -14,9 +19,6 @@ def push_adapter_to_hub(model, repo_id: str, *, private: bool = False, commit_me
     Use this rather than `model.push_to_hub(repo_id)` when you want the LongLoRA card: transformers'
     `push_to_hub` (which PEFT models inherit) replaces the saved README with a generic card on a repo's
     first push. The token is the one `huggingface_hub` finds (`HF_TOKEN` or `hf auth login`)."""
-    from ..tuner import longlora_config_of
-    from .card import write_model_card
-
     config = longlora_config_of(model)
     if config is None:
         found = getattr(model, "active_peft_config", None)
@@ -31,8 +33,6 @@ def push_adapter_to_hub(model, repo_id: str, *, private: bool = False, commit_me
 
 def upload_folder(folder, repo_id: str, *, private: bool, commit_message: str) -> str:
     """Create `repo_id` if it is missing and upload `folder` to it in one commit; returns the commit URL."""
-    from huggingface_hub import HfApi
-
     api = HfApi()
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message).commit_url

@@ -6,10 +6,12 @@ import logging
 import math
 from dataclasses import dataclass, field
 
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
 from transformers import TrainerCallback
 
 from ..attention import S2_ATTN_IMPLEMENTATION, S2AttentionSettings
-from ..tuner import longlora_config_of
+from ..tuner import is_input_embedding, is_normalization, longlora_config_of
 from ..position_interpolation import context_length, describe_rope, rope_parameters_of
 
 logger = logging.getLogger(__name__)
@@ -39,21 +41,28 @@ class LongLoraReport:
         )
 
 
-def _trainable_by_kind(model) -> dict[str, int]:
-    kinds = {"LoRA": 0, "embeddings": 0, "norms": 0, "other": 0}
-    for name, parameter in model.named_parameters():
-        if not parameter.requires_grad:
-            continue
-        if ".lora_" in name:
-            kind = "LoRA"
-        elif "embed" in name or "wte" in name:
-            kind = "embeddings"
-        elif "norm" in name or "ln" in name.split(".")[-2:-1]:
-            kind = "norms"
+def _trainable_by_kind(model: nn.Module) -> dict[str, int]:
+    """Trainable parameter counts by kind, the kinds with none left out: "LoRA" (an adapter layer's own
+    weights), "embeddings" and "norms" (the input embedding and the normalization layers, found by module
+    as LoRA+ finds them), "other" (anything else, e.g. an output head saved with the adapter)."""
+    kind_of: dict[str, str] = {}  # module name -> kind; a module is of its parent's kind unless it is one itself
+    modules = dict(model.named_modules())
+    for name, module in modules.items():
+        parent_name, _, leaf = name.rpartition(".")
+        parent = modules[parent_name] if name else None
+        if isinstance(parent, BaseTunerLayer) and leaf in parent.adapter_layer_names:
+            kind_of[name] = "LoRA"
+        elif is_input_embedding(model, module):
+            kind_of[name] = "embeddings"
+        elif is_normalization(module):
+            kind_of[name] = "norms"
         else:
-            kind = "other"
-        kinds[kind] += parameter.numel()
-    return {kind: count for kind, count in kinds.items() if count}
+            kind_of[name] = kind_of.get(parent_name, "other") if name else "other"
+    counts = dict.fromkeys(("LoRA", "embeddings", "norms", "other"), 0)
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            counts[kind_of[name.rpartition(".")[0]]] += parameter.numel()
+    return {kind: count for kind, count in counts.items() if count}
 
 
 class LongLoraCallback(TrainerCallback):

@@ -7,7 +7,7 @@ import os
 
 import trl
 
-from ..hub.card import write_model_card
+from ..model_card import write_model_card
 from ..tuner import longlora_config_of
 from .callback import LongLoraCallback
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from peft.utils import PeftType, register_peft_method
 
 from .config import PEFT_TYPE, LongLoraConfig, longlora_config_of
 from .export import save_as_plain_lora
-from .model import LongLoraModel, prepare_model_for_longlora
+from .model import LongLoraModel, is_input_embedding, is_normalization, prepare_model_for_longlora
 from ..position_interpolation import (
     PositionInterpolation,
     apply_position_interpolation,
@@ -22,6 +23,8 @@ __all__ = [
     "apply_position_interpolation",
     "context_length",
     "describe_rope",
+    "is_input_embedding",
+    "is_normalization",
     "longlora_config_of",
     "plan_position_interpolation",
     "prepare_model_for_longlora",
@@ -31,8 +34,20 @@ __all__ = [
 
 
 def _add_peft_type(value: str) -> None:
-    # PEFT's `register_peft_method` only accepts names already in its `PeftType` enum, which has no
-    # entry point for third-party methods, so the member is added here, once.
+    """Make `value` a member of PEFT's `PeftType` enum, as if PEFT had declared it (idempotent).
+
+    Why: PEFT keys its registries by `PeftType`, and `register_peft_method` refuses a name that is not
+    already a member ("Unknown PEFT type ..., please add an entry to peft.utils.peft_types.PeftType"),
+    while a Python enum cannot be extended after its class is built. So this is the one place where the
+    package changes an object of PEFT's: it fills the enum's own tables (`_member_map_`,
+    `_value2member_map_`, `_member_names_`, the class attribute) the way `enum` does for a declared
+    member, so `PeftType("LONGLORA")`, `PeftType.LONGLORA`, iteration, pickling and the JSON round trip
+    of `adapter_config.json` all work as for PEFT's own types.
+
+    Removed by: PEFT letting `register_peft_method` take a name that is not a member (keying its
+    registries by name, or adding the member itself), i.e. an extensible `PeftType`; then
+    `register_tuner` calls `register_peft_method` alone.
+    """
     if value in PeftType.__members__:
         return
     member = str.__new__(PeftType, value)
@@ -42,14 +57,12 @@ def _add_peft_type(value: str) -> None:
     PeftType._member_map_[value] = member
     PeftType._value2member_map_[value] = member
     PeftType._member_names_.append(value)
-    type.__setattr__(PeftType, value, member)
+    type.__setattr__(PeftType, value, member)  # EnumType.__setattr__ refuses to assign a member's name
 
 
 def register_tuner() -> None:
-    """Register LongLoRA with PEFT as peft_type "LONGLORA" (idempotent)."""
-    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-
+    """Register LongLoRA with PEFT as peft_type "LONGLORA" (idempotent); `longlora_hf.register()` calls it."""
     _add_peft_type(PEFT_TYPE)
     if PEFT_TYPE_TO_CONFIG_MAPPING.get(PeftType.LONGLORA) is LongLoraConfig:
         return
-    register_peft_method(name="longlora", config_cls=LongLoraConfig, model_cls=LongLoraModel, prefix="lora_")
+    register_peft_method(name=PEFT_TYPE.lower(), config_cls=LongLoraConfig, model_cls=LongLoraModel, prefix="lora_")

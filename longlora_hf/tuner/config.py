@@ -8,7 +8,8 @@ from peft import LoraConfig
 from peft.utils import PeftType
 
 from ..attention import S2AttentionSettings, inner_attn_implementation_for, s2_field
-from ..position_interpolation import ROPE_TYPES
+from ..model_card import write_model_card
+from ..position_interpolation import check_rope_type, check_target_context_length
 
 S2_SETTINGS_FIELDS = tuple(f.name for f in fields(S2AttentionSettings))
 """The S2-Attn settings, fields of LongLoraConfig too (defined once, in S2AttentionSettings)."""
@@ -107,27 +108,15 @@ class LongLoraConfig(LoraConfig):
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = PeftType(PEFT_TYPE)
-        if self.target_context_length is not None and (
-            isinstance(self.target_context_length, bool)
-            or not isinstance(self.target_context_length, int)
-            or self.target_context_length <= 0
-        ):
-            raise ValueError(
-                f"target_context_length must be a positive integer number of tokens; got "
-                f"{self.target_context_length!r}. Use e.g. 32768, or None to keep the model's positions."
-            )
-        if self.rope_type is not None and self.rope_type not in ROPE_TYPES:
-            raise ValueError(
-                f"rope_type must be None (extend the model's own scheme) or one of {ROPE_TYPES}; got {self.rope_type!r}."
-            )
+        if self.target_context_length is not None:
+            check_target_context_length(self.target_context_length)
+        check_rope_type(self.rope_type)
         self.s2_attention_settings()  # validates every S2 field
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
         """Save the config, and the LongLoRA model card as README.md in place of PEFT's generic one
         (a card someone wrote is kept)."""
         super().save_pretrained(save_directory, **kwargs)
-        from ..hub.card import write_model_card
-
         write_model_card(save_directory, self)
 
     def s2_attention_settings(self, model_attn_implementation: str | None = None) -> S2AttentionSettings:

@@ -43,8 +43,21 @@ def attention_projection_names(model: nn.Module) -> list[str]:
     return sorted(names)
 
 
+def _unwrapped(module: nn.Module) -> nn.Module:
+    """The module a PEFT wrapper stands for (`modules_to_save`, trainable tokens), else `module` itself."""
+    return module.original_module if isinstance(module, AuxiliaryTrainingWrapper) else module
+
+
+def is_input_embedding(model: nn.Module, module: nn.Module) -> bool:
+    """True for `model`'s input embedding as the model itself names it (`get_input_embeddings()`), whatever
+    its attribute name (`embed_tokens`, `wte`, `word_embeddings`, `w`...), also when PEFT wraps it."""
+    return _unwrapped(module) is _unwrapped(model.get_input_embeddings())
+
+
 def is_normalization(module: nn.Module) -> bool:
-    """Layer norms, RMS norms and group norms, built-in or architecture-specific (`LlamaRMSNorm`...)."""
+    """Layer norms, RMS norms and group norms, built-in or architecture-specific (`LlamaRMSNorm`...), whatever
+    their attribute name (`norm`, `ln_f`, `ln_1`...), also when PEFT wraps them."""
+    module = _unwrapped(module)
     if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)):
         return True
     return type(module).__name__.endswith("Norm") and any(True for _ in module.parameters(recurse=False))
@@ -61,18 +74,14 @@ def lora_plus_module_names(model: nn.Module, embeddings: bool, norms: bool) -> l
     for name, module in model.named_modules():
         if wrapped and name.startswith(wrapped):
             continue
+        modules[name] = module
         if isinstance(module, AuxiliaryTrainingWrapper):
-            modules[name] = module.original_module
             wrapped = name + "."
-        else:
-            modules[name] = module
-    wanted = set()
-    if embeddings:
-        embedding = model.get_input_embeddings()
-        embedding = getattr(embedding, "original_module", embedding)
-        wanted.update(name for name, m in modules.items() if m is embedding)
-    if norms:
-        wanted.update(name for name, m in modules.items() if is_normalization(m))
+    wanted = {
+        name
+        for name, module in modules.items()
+        if (embeddings and is_input_embedding(model, module)) or (norms and is_normalization(module))
+    }
     leaves = {}
     for name in modules:
         leaves.setdefault(name.rpartition(".")[2], []).append(name)

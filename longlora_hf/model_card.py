@@ -6,6 +6,9 @@ their card without anyone asking: `LongLoraConfig.save_pretrained` (called by ev
 writes, and `LongLoraSFTTrainer.create_model_card` (what `trainer.push_to_hub()` calls) adds what the
 trainer knows: data, steps and evaluation. `peft_model.push_to_hub` writes transformers' card over it
 (README, "Known limits"); `longlora_hf.hub.push_adapter_to_hub` publishes this one.
+
+A leaf: it imports only `position_interpolation`, the templates and third-party libraries, so the tuner,
+the trainer and the Hub code all import it and none of them imports another for it.
 """
 
 from __future__ import annotations
@@ -15,7 +18,10 @@ import re
 from importlib.resources import files
 from pathlib import Path
 
-from ..position_interpolation import describe_rope
+from huggingface_hub import ModelCard, ModelCardData
+
+from . import model_cards
+from .position_interpolation import describe_rope
 
 TEMPLATE = "longlora_adapter.md"
 NOT_RECORDED = "not recorded"
@@ -106,8 +112,6 @@ def render_model_card(
     """The README of a LongLoRA adapter (or, with `merged=True`, of a model it was merged into), from
     `config` (a `LongLoraConfig`) and what is known about the training. Unknown facts say so; nothing
     about credentials goes in."""
-    from huggingface_hub import ModelCardData
-
     base_model = base_model or config.base_model_name_or_path
     hub_base = hub_repo_id(base_model)
     metadata = ModelCardData(
@@ -124,7 +128,7 @@ def render_model_card(
     modules = config.target_modules
     target_modules = ", ".join(sorted(modules)) if isinstance(modules, (set, list, tuple)) else str(modules)
     kind = "A model merged from a LongLoRA adapter" if merged else "A LongLoRA adapter"
-    template = files("longlora_hf.model_cards").joinpath(TEMPLATE).read_text()
+    template = files(model_cards).joinpath(TEMPLATE).read_text()
     return template.format(
         metadata=metadata.strip(),
         generated_mark=GENERATED_MARK,
@@ -156,8 +160,6 @@ def is_replaceable_card(path: Path) -> bool:
     (its mark still there); False for a card someone wrote."""
     if not path.exists():
         return True
-    from huggingface_hub import ModelCard
-
     text = ModelCard.load(path).text.lstrip()
     return text.startswith(GENERIC_CARD_HEADING) or GENERATED_MARK in text
 
