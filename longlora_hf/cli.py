@@ -4,7 +4,9 @@ Each command lives with the code it runs: its module's `register(subparsers)` ad
 and sets `run`, a function of the parsed arguments returning the exit code. A command whose arguments
 another parser reads (`sft`: TRL's parser, with `--config` YAML) sets `parses_its_own_arguments` and gets
 everything after its name as `command_argv`. Bad input (ValueError, FileNotFoundError, a missing optional
-dependency) ends with one line naming the command and exit code 2.
+dependency) ends with one line naming the command and exit code 2; a command that runs for long
+(`sft`) sets `reports_its_own_errors` and does that only for what it checks before its work starts, so an
+error during training keeps its traceback.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         args.command_argv = argv[argv.index(args.command) + 1 :]
     elif unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if getattr(args, "reports_its_own_errors", False):
+        return args.run(args)
     try:
         return args.run(args)
     except (ValueError, FileNotFoundError, ImportError) as error:

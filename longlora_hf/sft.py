@@ -78,16 +78,20 @@ LongLoraArguments.__doc__ = (
 
 
 def longlora_config(model_args, training_args, longlora_args) -> LongLoraConfig:
-    """A LongLoraConfig from TRL's `--lora_*` flags and the LongLoRA ones (TRL's defaults for r and alpha
-    are the paper's too: 8 and 16)."""
+    """A LongLoraConfig from TRL's LoRA flags (those TRL's `get_peft_config` reads: `--lora_*`, `--use_rslora`,
+    `--use_dora`; TRL's defaults for r and alpha are the paper's too: 8 and 16) and the LongLoRA ones."""
     flags = {name: getattr(longlora_args, name) for name in CONFIG_FLAGS}
     flags["target_context_length"] = flags["target_context_length"] or training_args.max_length
+    if model_args.lora_target_parameters is not None:
+        flags["target_parameters"] = model_args.lora_target_parameters
     return LongLoraConfig(
         r=model_args.lora_r,
         lora_alpha=model_args.lora_alpha,
         lora_dropout=model_args.lora_dropout,
         target_modules=model_args.lora_target_modules,
         modules_to_save=model_args.lora_modules_to_save,
+        use_rslora=model_args.use_rslora,
+        use_dora=model_args.use_dora,
         **flags,
     )
 
@@ -107,7 +111,7 @@ def load_dataset(script_args, dataset_args):
     from trl import get_dataset
 
     if dataset_args.datasets:
-        if script_args.dataset_name:
+        if script_args.dataset_name and os.environ.get("RANK", "0") == "0":
             logger.warning(
                 "Both `datasets` and `dataset_name` are provided. The `datasets` argument will be used to load the "
                 "dataset and `dataset_name` will be ignored."
@@ -182,11 +186,17 @@ def training_data(script_args, training_args, model_args, dataset_args, longlora
 def main(script_args, training_args, model_args, dataset_args, longlora_args) -> None:
     """TRL's SFT script (`trl/scripts/sft.py: main`) with LongLoRA: the same model loading, data loading,
     training, saving and publishing; `LongLoraSFTTrainer` and a `LongLoraConfig` unless `--longlora false`."""
+    check_longlora_arguments(longlora_args)
+    dataset = training_data(script_args, training_args, model_args, dataset_args, longlora_args)
+    train(script_args, training_args, model_args, longlora_args, dataset)
+
+
+def train(script_args, training_args, model_args, longlora_args, dataset) -> None:
+    """Train on `dataset`, save, publish with `--push_to_hub`, and end the run: the second half of `main`."""
     from trl import SFTTrainer, get_peft_config, get_quantization_config
 
     from .training import LongLoraSFTTrainer
 
-    check_longlora_arguments(longlora_args)
     model_init_kwargs = dict(
         revision=model_args.model_revision,
         trust_remote_code=training_args.trust_remote_code,
@@ -196,8 +206,6 @@ def main(script_args, training_args, model_args, dataset_args, longlora_args) ->
     if training_args.model_init_kwargs is not None:
         model_init_kwargs.update(training_args.model_init_kwargs)
     training_args.model_init_kwargs = model_init_kwargs
-
-    dataset = training_data(script_args, training_args, model_args, dataset_args, longlora_args)
     if longlora_args.longlora:
         trainer_class, peft_config = LongLoraSFTTrainer, longlora_config(model_args, training_args, longlora_args)
     else:
@@ -221,34 +229,41 @@ def main(script_args, training_args, model_args, dataset_args, longlora_args) ->
     trainer.accelerator.end_training()
 
 
-def make_parser(subparsers=None, prog: str | None = None):
+def make_parser(prog: str | None = None):
     """TRL's SFT parser (`trl/scripts/sft.py: make_parser`) with `LongLoraArguments` added."""
     from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, TrlParser
 
-    types = (ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig, LongLoraArguments)
-    if subparsers is not None:
-        return subparsers.add_parser("sft", help="TRL's SFT script with LongLoRA.", dataclass_types=types)
-    return TrlParser(types, prog=prog)
+    return TrlParser((ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig, LongLoraArguments), prog=prog)
 
 
-def parse_and_run(argv: list[str] | None = None, prog: str = "longlora-hf sft") -> int:
-    """Parse `argv` (flags and `--config` YAML, as `trl sft`) and run `main`; unknown flags are refused."""
-    parser = make_parser(prog=prog)
-    script_args, training_args, model_args, dataset_args, longlora_args = parser.parse_args_and_config(
-        args=argv, fail_with_unknown_args=True
-    )
-    main(script_args, training_args, model_args, dataset_args, longlora_args)
+def parse_arguments(argv: list[str] | None = None, prog: str = "longlora-hf sft"):
+    """(script, training, model, dataset, LongLoRA) arguments from `argv`: flags and `--config` YAML, as TRL's
+    SFT script reads them; unknown flags are refused."""
+    return make_parser(prog=prog).parse_args_and_config(args=argv, fail_with_unknown_args=True)
+
+
+def run(args) -> int:
+    """`longlora-hf sft`. Bad input (flags, options, data) found before training ends with one line and exit
+    code 2; an error during training keeps its traceback."""
+    try:
+        script_args, training_args, model_args, dataset_args, longlora_args = parse_arguments(args.command_argv)
+        check_longlora_arguments(longlora_args)
+        dataset = training_data(script_args, training_args, model_args, dataset_args, longlora_args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"longlora-hf sft: error: {error}", file=sys.stderr)
+        return 2
+    train(script_args, training_args, model_args, longlora_args, dataset)
     return 0
 
 
 def register(subparsers) -> None:
-    """`longlora-hf sft`: every argument after the command goes to TRL's parser (`parse_and_run`)."""
+    """`longlora-hf sft`: every argument after the command goes to TRL's parser."""
     parser = subparsers.add_parser(
         "sft",
-        help="TRL's SFT script with LongLoRA: every `trl sft` flag plus the LongLoRA ones (see `longlora-hf sft --help`).",
+        help="TRL's SFT script with LongLoRA: every flag of TRL's SFT script plus the LongLoRA ones (see `longlora-hf sft --help`).",
         add_help=False,
     )
-    parser.set_defaults(run=lambda args: parse_and_run(args.command_argv), parses_its_own_arguments=True)
+    parser.set_defaults(run=run, parses_its_own_arguments=True, reports_its_own_errors=True)
 
 
 def leave_without_interpreter_teardown(code: int) -> None:
@@ -271,7 +286,6 @@ def leave_without_interpreter_teardown(code: int) -> None:
 
 
 if __name__ == "__main__":
-    code = parse_and_run(prog="python -m longlora_hf.sft")
+    main(*parse_arguments(prog="python -m longlora_hf.sft"))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        leave_without_interpreter_teardown(code)
-    sys.exit(code)
+        leave_without_interpreter_teardown(0)

@@ -47,10 +47,32 @@ def test_sft_gets_every_argument_after_its_name_for_trls_parser(monkeypatch):
     from longlora_hf import sft
 
     seen = []
-    monkeypatch.setattr(sft, "parse_and_run", lambda argv: seen.append(argv) or 0)
+
+    def parse_arguments(argv):
+        seen.append(argv)
+        raise ValueError("parsed")
+
+    monkeypatch.setattr(sft, "parse_arguments", parse_arguments)
     argv = ["--config", "recipe.yaml", "--group_size_ratio", "0.5", "--help"]
-    assert cli.main(["sft", *argv]) == 0
+    assert cli.main(["sft", *argv]) == 2
     assert seen == [argv]
+
+
+def test_an_error_during_sft_training_keeps_its_traceback(monkeypatch):
+    """Bad input found before training is one line (tests/test_training_sft.py); a failure inside training
+    is not bad input, and the user needs its traceback."""
+    from longlora_hf import sft
+
+    monkeypatch.setattr(sft, "parse_arguments", lambda argv: (None,) * 5)
+    monkeypatch.setattr(sft, "check_longlora_arguments", lambda longlora_args: None)
+    monkeypatch.setattr(sft, "training_data", lambda *args: "dataset")
+
+    def train(*args):
+        raise ValueError("inside the trainer")
+
+    monkeypatch.setattr(sft, "train", train)
+    with pytest.raises(ValueError, match="inside the trainer"):
+        cli.main(["sft", "--config", "recipe.yaml"])
 
 
 @pytest.mark.parametrize("command", [["format", "--style", "longqa", "--input", "a", "--output", "b"], ["example"]])

@@ -237,8 +237,9 @@ def test_the_embedding_and_norms_are_told_by_the_bases_modules_not_by_their_name
         ("llama", "trainable_params.bin", "base_model.model.embed_out.weight", "is not a weight of"),  # GPT-NeoX's name only
         ("gpt-neox", "trainable_params.bin", "base_model.model.gpt_neox.embed_out.weight", "is not a weight of"),
         ("llama", "adapter_model.bin", "base_model.model.model.layers.0.self_attn.qkv_proj.lora_A.weight", "is not a module of"),
+        ("llama", "trainable_params.bin", "base_model.model.lm_head.weight", "neither the input embedding nor a normalization"),
     ],
-    ids=["unknown-norm", "embed_out-outside-gpt-neox", "embed_out-misplaced", "lora-on-a-missing-module"],
+    ids=["unknown-norm", "embed_out-outside-gpt-neox", "embed_out-misplaced", "lora-on-a-missing-module", "untied-llama-head"],
 )
 def test_a_tensor_that_maps_to_nothing_is_refused_by_name(tmp_path, capsys, architecture, file, name, message):
     base_dir, checkpoint, _ = write_reference_checkpoint(tmp_path, architecture)

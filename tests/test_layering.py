@@ -105,6 +105,32 @@ def test_no_module_imports_a_unit_above_its_own_layer():
     assert not upward, "upward imports:\n" + "\n".join(upward)
 
 
+def first_cycle(edges: dict[str, dict[str, Import]]) -> list[str] | None:
+    """A cycle of the graph `edges` (node -> {imported node: the import}) as its nodes, the first one closing it."""
+
+    def cycle_from(node: str, path: list[str]) -> list[str] | None:
+        if node in path:
+            return path[path.index(node):] + [node]
+        for imported in edges.get(node, {}):
+            cycle = cycle_from(imported, path + [node])
+            if cycle:
+                return cycle
+        return None
+
+    for node in sorted(edges):
+        cycle = cycle_from(node, [])
+        if cycle:
+            return cycle
+    return None
+
+
+def assert_no_cycle(edges: dict[str, dict[str, Import]], kind: str) -> None:
+    cycle = first_cycle(edges)
+    assert cycle is None, f"import cycle of {kind} {' -> '.join(cycle)}:\n" + "\n".join(
+        str(edges[a][b]) for a, b in zip(cycle, cycle[1:])
+    )
+
+
 def test_the_units_import_each_other_without_cycles():
     # Importing any module of a unit runs the unit's __init__ first, so a cycle of units is a cycle of imports.
     edges: dict[str, dict[str, Import]] = {}
@@ -112,21 +138,17 @@ def test_the_units_import_each_other_without_cycles():
         importer, imported = unit_of(found.importer), unit_of(found.imported)
         if importer != imported:
             edges.setdefault(importer, {}).setdefault(imported, found)
+    assert_no_cycle(edges, "units")
 
-    def cycle_from(unit: str, path: list[str]) -> list[str] | None:
-        if unit in path:
-            return path[path.index(unit):] + [unit]
-        for imported in edges.get(unit, {}):
-            cycle = cycle_from(imported, path + [unit])
-            if cycle:
-                return cycle
-        return None
 
-    for unit in sorted(edges):
-        cycle = cycle_from(unit, [])
-        assert cycle is None, f"import cycle {' -> '.join(cycle)}:\n" + "\n".join(
-            str(edges[a][b]) for a, b in zip(cycle, cycle[1:])
-        )
+def test_the_modules_import_each_other_without_cycles():
+    """Inside a unit too. A module importing a package that contains it (its own package's __init__, which
+    has run before it) is no cycle: Python runs a package's __init__ before any of its modules."""
+    edges: dict[str, dict[str, Import]] = {}
+    for found in IMPORTS:
+        if not found.importer.startswith(found.imported + ".") and found.importer != found.imported:
+            edges.setdefault(found.importer, {}).setdefault(found.imported, found)
+    assert_no_cycle(edges, "modules")
 
 
 # One process, not one per module (each would spend seconds importing torch): the third-party packages

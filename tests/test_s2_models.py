@@ -403,6 +403,33 @@ def test_an_encoder_loaded_with_s2_fails_clearly_in_training():
         model(torch.randint(0, 128, (1, 16)))
 
 
+def deepseek_sparse_attention():
+    """A tiny DeepSeek-V3.2: its attention picks the keys of each query with an indexer that reads the mask."""
+    config = transformers.DeepseekV32Config(
+        **{**COMMON, "num_attention_heads": 4, "num_key_value_heads": 4}, moe_intermediate_size=16, q_lora_rank=16,
+        kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, n_routed_experts=4,
+        num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
+    )
+    torch.manual_seed(0)
+    return transformers.DeepseekV32ForCausalLM(config)
+
+
+def test_a_model_with_a_sparse_attention_indexer_is_refused():
+    """S2 reads only the padding from the mask, so the indexer's selection would be silently dropped."""
+    model = deepseek_sparse_attention()
+    with pytest.raises(ValueError, match=r"DeepseekV32ForCausalLM chooses the keys .* own indexer \(DeepseekV32Indexer"):
+        use_s2_attention(model)
+    assert model.config._attn_implementation != "s2"
+
+
+def test_a_model_that_uses_the_mask_as_a_tensor_fails_clearly_when_switched_to_s2_directly():
+    model = deepseek_sparse_attention()
+    model.set_attn_implementation("s2")
+    model.train()
+    with pytest.raises(TypeError, match="uses the attention mask as a tensor inside its layers.*attn_implementation='sdpa'"):
+        model(torch.randint(4, 128, (1, 16)))
+
+
 def test_an_odd_number_of_heads_is_refused():
     model = transformers.LlamaForCausalLM(tiny_config("llama", num_attention_heads=3, num_key_value_heads=1, hidden_size=24))
     with pytest.raises(ValueError, match=r"must be even; LlamaForCausalLM has num_attention_heads=3\."):
@@ -425,7 +452,7 @@ def test_the_layout_is_computed_once_per_forward_not_once_per_layer(monkeypatch)
     ids, attention_mask = batch()
     model(ids, attention_mask=attention_mask)
     assert len(layouts) == 1
-    attention_mask[1, 10:] = 0  # a new batch (new mask tensors): computed again
+    attention_mask[1, 10:] = 0  # the next forward (another batch) builds its own layout
     model(ids, attention_mask=attention_mask)
     assert len(layouts) == 2
 

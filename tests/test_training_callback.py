@@ -186,3 +186,19 @@ def test_every_directory_the_longlora_sft_trainer_saves_has_the_card_with_its_tr
     (own / "README.md").write_text("---\nlicense: mit\n---\n# My adapter\n\nHand-written.\n")
     trainer.save_model(str(own))
     assert "Hand-written." in (own / "README.md").read_text() and (own / "adapter_model.safetensors").exists()
+
+
+def test_a_model_that_names_no_input_embedding_is_counted_without_one():
+    """`get_input_embeddings` raising NotImplementedError (transformers' default) is not an error at train start."""
+    from longlora_hf.training.callback import _trainable_by_kind
+
+    class NoNamedEmbedding(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(8, 4)
+            self.norm = torch.nn.LayerNorm(4)
+
+        def get_input_embeddings(self):
+            raise NotImplementedError
+
+    assert _trainable_by_kind(NoNamedEmbedding()) == {"norms": 8, "other": 32}

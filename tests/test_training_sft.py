@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = "trainer_configs/recipes/tiny_cpu.yaml"
 
 
-def test_the_tiny_recipe_trains_a_longlora_adapter_through_trls_script(tmp_path, monkeypatch):
+def test_the_tiny_recipe_trains_a_longlora_adapter(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     assert cli_main(["sft", "--config", RECIPE, "--output_dir", str(tmp_path), "--max_steps", "2", "--disable_tqdm", "true"]) == 0
     config = json.loads((tmp_path / "adapter_config.json").read_text())
@@ -99,6 +99,16 @@ def with_callback(init, callback):
     return init_with_callback
 
 
+def test_trls_lora_flags_reach_the_longlora_config():
+    from longlora_hf.sft import longlora_config, parse_arguments
+
+    _, training_args, model_args, _, longlora_args = parse_arguments(
+        ["--config", str(ROOT / RECIPE), "--use_rslora", "true", "--use_dora", "true", "--lora_r", "4"]
+    )
+    config = longlora_config(model_args, training_args, longlora_args)
+    assert (config.use_rslora, config.use_dora, config.r, config.peft_type) == (True, True, 4, "LONGLORA")
+
+
 def test_trl_sft_and_longlora_false_train_the_same_plain_lora_adapter(tmp_path):
     """The same recipe through `trl sft` (TRL's own script, launched by TRL's CLI) and through `longlora-hf sft
     --longlora false`: the same adapter, bit for bit, so `longlora-hf sft` drifting from TRL's script is caught."""
@@ -112,7 +122,10 @@ def test_trl_sft_and_longlora_false_train_the_same_plain_lora_adapter(tmp_path):
     plain = tmp_path / "plain_lora.yaml"
     plain.write_text(yaml.safe_dump(recipe))
     trl_cli = Path(sys.executable).with_name("trl")
-    run_command([str(trl_cli), "sft", "--config", str(plain), "--output_dir", str(tmp_path / "trl")])
+    # `trl sft` launches through accelerate with the user's default accelerate config: an empty HF_HOME has none,
+    # so it runs one process, as `longlora-hf sft` does.
+    run_command([str(trl_cli), "sft", "--config", str(plain), "--output_dir", str(tmp_path / "trl")],
+                HF_HOME=str(tmp_path / "hf_home"))
     run_command([sys.executable, "-m", "longlora_hf.cli", "sft", "--config", str(plain), "--longlora", "false",
                  "--output_dir", str(tmp_path / "ours")])
     configs = [json.loads((tmp_path / d / "adapter_config.json").read_text()) for d in ("trl", "ours")]
@@ -245,9 +258,9 @@ def run(args: list[str]) -> subprocess.CompletedProcess:
     return run_command([sys.executable, *args])
 
 
-def run_command(command: list[str]) -> subprocess.CompletedProcess:
+def run_command(command: list[str], **environment: str) -> subprocess.CompletedProcess:
     # One thread: runs of the same computation in different processes then reduce in the same order.
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **environment}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return result

@@ -47,6 +47,14 @@ def check_s2_compatible(model: torch.nn.Module) -> None:
             "not declare that it does (`_supports_attention_backend` is unset), so attn_implementation='s2' is not "
             "known to reach it. Train it without S2 (use_s2_attn=False) or pick an architecture that declares it."
         )
+    indexers = sorted({type(m).__name__ for m in model.modules() if type(m).__name__.endswith("Indexer")})
+    if indexers:
+        raise ValueError(
+            f"{type(model).__name__} chooses the keys each query attends to with its own indexer ({indexers[0]}, "
+            "DeepSeek sparse attention) and reads the attention mask to do so. S2-Attn replaces the attention "
+            "pattern, so it would train without that selection. Train it without S2 (use_s2_attn=False) or with "
+            "attn_implementation='sdpa'."
+        )
     causal_flags = [m.is_causal for m in model.modules() if isinstance(getattr(m, "is_causal", None), bool)]
     check_causal(not causal_flags or any(causal_flags), f"every attention layer of {type(model).__name__}")
     heads = getattr(model.config.get_text_config(), "num_attention_heads", None)

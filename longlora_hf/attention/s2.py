@@ -160,6 +160,15 @@ class S2Mask:
     layouts: list[tuple[torch.Tensor | None, tuple, S2Layout]] = field(default_factory=list)
     """(position_ids, (batch, seq, device, settings), layout) of each layout computed from this mask."""
 
+    def _used_as_a_tensor(self, *args, **kwargs):
+        raise TypeError(
+            "This model uses the attention mask as a tensor inside its layers (a sparse-attention indexer, as in "
+            "DeepSeek-V3.2, does), where attn_implementation='s2' hands its layers an S2Mask. S2-Attn cannot train "
+            "such a model: load it with attn_implementation='sdpa'."
+        )
+
+    __getitem__ = __and__ = __or__ = __add__ = __mul__ = __invert__ = _used_as_a_tensor
+
     def layout(
         self,
         position_ids: torch.Tensor | None,

@@ -50,8 +50,13 @@ def _unwrapped(module: nn.Module) -> nn.Module:
 
 def is_input_embedding(model: nn.Module, module: nn.Module) -> bool:
     """True for `model`'s input embedding as the model itself names it (`get_input_embeddings()`), whatever
-    its attribute name (`embed_tokens`, `wte`, `word_embeddings`, `w`...), also when PEFT wraps it."""
-    return _unwrapped(module) is _unwrapped(model.get_input_embeddings())
+    its attribute name (`embed_tokens`, `wte`, `word_embeddings`, `w`...), also when PEFT wraps it. False for
+    every module of a model that names none (its `get_input_embeddings` raises NotImplementedError)."""
+    try:
+        embedding = model.get_input_embeddings()
+    except NotImplementedError:
+        return False
+    return _unwrapped(module) is _unwrapped(embedding)
 
 
 def is_normalization(module: nn.Module) -> bool:
