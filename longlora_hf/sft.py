@@ -79,7 +79,7 @@ LongLoraArguments.__doc__ = (
 
 def longlora_config(model_args, training_args, longlora_args) -> LongLoraConfig:
     """A LongLoraConfig from TRL's LoRA flags (those TRL's `get_peft_config` reads: `--lora_*`, `--use_rslora`,
-    `--use_dora`; TRL's defaults for r and alpha are the paper's too: 8 and 16) and the LongLoRA ones."""
+    `--use_dora`) and the LongLoRA ones."""
     flags = {name: getattr(longlora_args, name) for name in CONFIG_FLAGS}
     flags["target_context_length"] = flags["target_context_length"] or training_args.max_length
     if model_args.lora_target_parameters is not None:
@@ -229,17 +229,33 @@ def train(script_args, training_args, model_args, longlora_args, dataset) -> Non
     trainer.accelerator.end_training()
 
 
+# LoRA's rank and alpha when neither a flag nor the recipe sets them: the paper's under LongLoRA (Section 4.1:
+# r=8, alpha=16), TRL's own (ModelConfig: 16 and 32) under `--longlora false`, as `trl sft` trains.
+PAPER_LORA_DEFAULTS = {"lora_r": 8, "lora_alpha": 16}
+
+
 def make_parser(prog: str | None = None):
-    """TRL's SFT parser (`trl/scripts/sft.py: make_parser`) with `LongLoraArguments` added."""
+    """TRL's SFT parser (`trl/scripts/sft.py: make_parser`) with `LongLoraArguments` added. `--lora_r` and
+    `--lora_alpha` default to unset, so `parse_arguments` can tell a default from a value someone chose."""
     from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, SFTConfig, TrlParser
 
-    return TrlParser((ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig, LongLoraArguments), prog=prog)
+    parser = TrlParser((ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig, LongLoraArguments), prog=prog)
+    parser.set_defaults(**dict.fromkeys(PAPER_LORA_DEFAULTS))
+    return parser
 
 
 def parse_arguments(argv: list[str] | None = None, prog: str = "longlora-hf sft"):
     """(script, training, model, dataset, LongLoRA) arguments from `argv`: flags and `--config` YAML, as TRL's
-    SFT script reads them; unknown flags are refused."""
-    return make_parser(prog=prog).parse_args_and_config(args=argv, fail_with_unknown_args=True)
+    SFT script reads them; unknown flags are refused. An unset LoRA rank or alpha is the paper's under LongLoRA
+    and TRL's under `--longlora false` (`PAPER_LORA_DEFAULTS`)."""
+    from trl import ModelConfig
+
+    parsed = make_parser(prog=prog).parse_args_and_config(args=argv, fail_with_unknown_args=True)
+    model_args, longlora_args = parsed[2], parsed[4]
+    for name, paper in PAPER_LORA_DEFAULTS.items():
+        if getattr(model_args, name) is None:
+            setattr(model_args, name, paper if longlora_args.longlora else ModelConfig.__dataclass_fields__[name].default)
+    return parsed
 
 
 def run(args) -> int:

@@ -109,6 +109,31 @@ def test_trls_lora_flags_reach_the_longlora_config():
     assert (config.use_rslora, config.use_dora, config.r, config.peft_type) == (True, True, 4, "LONGLORA")
 
 
+@pytest.mark.parametrize(
+    "flags,expected",
+    [([], (8, 16)), (["--longlora", "false"], (16, 32)), (["--lora_r", "16"], (16, 16)), (["--lora_alpha", "32"], (8, 32))],
+    ids=["longlora-paper-defaults", "plain-trl-defaults", "flag-r", "flag-alpha"],
+)
+def test_lora_rank_and_alpha_default_to_the_papers_under_longlora_and_to_trls_without(flags, expected):
+    from longlora_hf.sft import parse_arguments
+
+    _, _, model_args, _, _ = parse_arguments(["--config", str(ROOT / RECIPE), *flags])
+    assert (model_args.lora_r, model_args.lora_alpha) == expected
+
+
+def test_a_recipes_lora_rank_and_alpha_win_over_the_defaults(tmp_path):
+    import yaml
+
+    from longlora_hf.sft import parse_arguments
+
+    recipe = yaml.safe_load((ROOT / RECIPE).read_text())
+    recipe.update(lora_r=32, lora_alpha=64)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    _, _, model_args, _, _ = parse_arguments(["--config", str(path)])
+    assert (model_args.lora_r, model_args.lora_alpha) == (32, 64)
+
+
 def test_trl_sft_and_longlora_false_train_the_same_plain_lora_adapter(tmp_path):
     """The same recipe through `trl sft` (TRL's own script, launched by TRL's CLI) and through `longlora-hf sft
     --longlora false`: the same adapter, bit for bit, so `longlora-hf sft` drifting from TRL's script is caught."""
