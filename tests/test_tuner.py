@@ -310,6 +310,19 @@ def test_an_architecture_without_findable_attention_projections_lists_what_was_f
         get_peft_model(model, LongLoraConfig(use_s2_attn=False))
 
 
+@pytest.mark.parametrize("first", [LoraConfig, LongLoraConfig], ids=["lora", "longlora"])
+def test_get_peft_model_on_a_peft_model_says_it_already_is_one(first):
+    model = get_peft_model(tiny_model("llama"), first(target_modules=["q_proj"]) if first is LoraConfig else first(use_s2_attn=False))
+    with pytest.raises(ValueError, match=r"already a PEFT model \(\w*PeftModel\w* with adapters \['default'\]\).*get_base_model"):
+        get_peft_model(model, LongLoraConfig())
+
+
+def test_gpt2s_conv1d_attention_is_named_in_the_no_projections_error():
+    config = transformers.GPT2Config(vocab_size=128, n_embd=32, n_layer=1, n_head=4, n_positions=256)
+    with pytest.raises(ValueError, match=r"GPT2Attention \(holds Conv1D, Dropout\).*target_modules"):
+        get_peft_model(transformers.GPT2LMHeadModel(config), LongLoraConfig(use_s2_attn=False))
+
+
 def test_s2_on_a_model_that_does_not_dispatch_through_the_registry_is_refused_before_any_change():
     config = transformers.FalconConfig(vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=4)
     model = transformers.FalconForCausalLM(config)

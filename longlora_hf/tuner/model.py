@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from peft import PeftModel
 from peft.tuners.lora import LoraModel
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
@@ -33,12 +34,17 @@ def attention_projection_names(model: nn.Module) -> list[str]:
             name for name, child in module.named_children() if isinstance(getattr(child, "base_layer", child), nn.Linear)
         )
     if not names:
-        attention_like = sorted({type(m).__name__ for m in model.modules() if "attn" in type(m).__name__.lower()})
+        attention_like = {
+            type(m).__name__: sorted({type(child).__name__ for child in m.children()})
+            for m in model.modules()
+            if m is not model and any(word in type(m).__name__.lower() for word in ("attn", "attention"))
+        }
+        found = "; ".join(f"{name} (holds {', '.join(kinds) or 'nothing'})" for name, kinds in sorted(attention_like.items()))
         linear = sorted({name.rpartition(".")[2] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
         raise ValueError(
             f"Found no attention projections in {type(model).__name__}: no module class ending in 'Attention' "
-            f"holds a linear layer. Attention-like classes found: {attention_like or 'none'}; linear layers: "
-            f"{linear}. Pass target_modules=[...] naming the attention projections."
+            f"holds an nn.Linear. Attention-like classes found: {found or 'none'}; linear layers: {linear}. "
+            "Pass target_modules=[...] naming the attention projections."
         )
     return sorted(names)
 
@@ -124,6 +130,13 @@ def leave_s2_attention(model: nn.Module) -> None:
 
 def prepare_model_for_longlora(model: nn.Module, config: LongLoraConfig) -> None:
     """Apply a LongLoraConfig's changes to the base model and fill in what it resolves per architecture."""
+    if isinstance(model, PeftModel):
+        raise ValueError(
+            f"The model is already a PEFT model ({type(model).__name__} with adapters "
+            f"{sorted(model.peft_config)}): LongLoRA goes on the base model. Call get_peft_model on "
+            "model.get_base_model() (or the model before get_peft_model), or add LongLoRA as another adapter "
+            "with model.add_adapter(name, LongLoraConfig(...))."
+        )
     train_s2 = config.use_s2_attn and not config.inference_mode
     if train_s2:
         check_s2_compatible(model)  # before anything changes the model
