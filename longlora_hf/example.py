@@ -1,4 +1,4 @@
-"""`longlora-hf example`: S2-Attn training of a tiny Llama on the CPU, end to end, in about a minute.
+"""`longlora-hf example`: S2-Attn training of a tiny Llama on the CPU, end to end.
 
 It builds a tiny Llama from a config (nothing is downloaded), switches it to `attn_implementation="s2"`,
 trains it on a synthetic copy task at a sequence length of 256 (four groups of 64 tokens), and shows
@@ -65,7 +65,7 @@ def run_example(steps: int = 80, length: int = 256, seed: int = 0) -> dict:
 
 def register(subparsers) -> None:
     """`longlora-hf example`."""
-    parser = subparsers.add_parser("example", help="A short end-to-end S2-Attn training example on a tiny model (CPU, ~1 min).")
+    parser = subparsers.add_parser("example", help="A short end-to-end S2-Attn training example   on a tiny model (CPU).")
     parser.set_defaults(run=run)
 
 

@@ -88,3 +88,15 @@ def test_bad_input_ends_with_one_line_naming_the_command_and_exit_2(tmp_path, ca
     assert cli.main(["format", "--style", "longqa", "--input", str(missing), "--output", str(tmp_path / "out.jsonl")]) == 2
     error = capsys.readouterr().err
     assert error.startswith("longlora-hf format: error:") and str(missing) in error and error.count("\n") == 1
+
+
+def test_no_help_or_docstring_states_a_time_the_readme_measures():
+    """Times are measured, and stated once: in the README. A figure in a help text or a docstring goes stale."""
+    import re
+
+    stated_time = re.compile(r"~\s*\d|\b\d+(\.\d+)?\s*(min|mins|minutes|minute|s|sec|seconds)\b|about a minute")
+    texts = {f"{name} --help": parser.format_help() for name, (_, parser) in registered().items() if name != "sft"}
+    texts["--help"] = cli.make_parser().format_help()  # each command's one-line help
+    texts.update({module.__name__: module.__doc__ or "" for module in cli.COMMANDS})
+    timed = {where: stated_time.search(text).group() for where, text in texts.items() if stated_time.search(text)}
+    assert not timed, timed

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "demo", help="Extend the bundled small Llama from 256 to 2048 tokens with LongLoRA on the CPU (~5 min)."
+        "demo", help="Extend the bundled small Llama from 256 to 2048 tokens with LongLoRA on the CPU."
     )
     parser.add_argument("--out", default="longlora_demo", help="Where the table (JSON, PNG) and the adapter go.")
     parser.add_argument("--steps", type=int, default=100, help="Fine-tuning steps (each one row of 2048 tokens).")
