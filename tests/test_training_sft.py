@@ -27,6 +27,7 @@ def test_the_tiny_recipe_trains_a_longlora_adapter(tmp_path, monkeypatch):
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["peft_type"] == "LONGLORA" and config["position_interpolation_factor"] == 4.0
     assert config["target_context_length"] == 1024 and set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert config["base_model_name_or_path"] == str(ROOT / "longlora_hf" / "demo" / "assets")  # the recipe's is relative
     model = AutoPeftModelForCausalLM.from_pretrained(tmp_path)
     assert model.get_base_model().config.max_position_embeddings == 1024
     assert model.get_base_model().config._attn_implementation == "sdpa"

@@ -344,3 +344,16 @@ def test_a_module_peft_wraps_is_still_what_it_wraps():
     assert type(decoder.embed_tokens).__name__ == type(decoder.norm).__name__ == "ModulesToSaveWrapper"
     assert is_input_embedding(model, decoder.embed_tokens) and is_normalization(decoder.norm)
     assert not is_input_embedding(model, decoder.norm) and not is_normalization(decoder.embed_tokens)
+
+
+def test_an_adapter_of_a_base_loaded_from_a_relative_directory_loads_from_anywhere(tmp_path, monkeypatch):
+    """`model_name_or_path: longlora_hf/demo/assets` in a recipe: the adapter records where the base really is."""
+    (tmp_path / "work").mkdir()
+    tiny_model("llama").save_pretrained(tmp_path / "work" / "base")
+    monkeypatch.chdir(tmp_path / "work")
+    model = get_peft_model(transformers.AutoModelForCausalLM.from_pretrained("base"), LongLoraConfig(use_s2_attn=False))
+    model.save_pretrained(tmp_path / "adapter")
+    monkeypatch.chdir(tmp_path)  # elsewhere: "base" means nothing here
+    recorded = PeftConfig.from_pretrained(tmp_path / "adapter").base_model_name_or_path
+    assert recorded == str(tmp_path / "work" / "base")
+    assert AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter") is not None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraModel
@@ -137,6 +139,11 @@ def prepare_model_for_longlora(model: nn.Module, config: LongLoraConfig) -> None
             "model.get_base_model() (or the model before get_peft_model), or add LongLoRA as another adapter "
             "with model.add_adapter(name, LongLoraConfig(...))."
         )
+    base = config.base_model_name_or_path
+    if base and not Path(base).is_absolute() and Path(base).is_dir():
+        # A base loaded from a relative directory (`longlora_hf/demo/assets`): recorded as it was given, the
+        # adapter would load only from the directory it was trained in.
+        config.base_model_name_or_path = str(Path(base).resolve())
     train_s2 = config.use_s2_attn and not config.inference_mode
     if train_s2:
         check_s2_compatible(model)  # before anything changes the model
