@@ -13,8 +13,8 @@ import json
 import pytest
 import torch
 import transformers
-from helpers import trained
-from peft import AutoPeftModelForCausalLM, get_peft_model
+from helpers import tiny_model, trained
+from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model
 
 from longlora_hf import LongLoraConfig, save_as_plain_lora
 from longlora_hf.tuner import plan_position_interpolation
@@ -343,3 +343,22 @@ def test_the_config_and_the_planner_refuse_the_same_values_in_the_same_words(arg
     with pytest.raises(ValueError) as from_planner:
         plan_position_interpolation(llama2(), **arguments)
     assert str(from_config.value) == str(from_planner.value)
+
+
+def test_a_second_adapter_with_another_position_extension_is_refused_and_the_first_keeps_working(tmp_path):
+    """Two LongLoRA adapters share one base RoPE: one trained for another extension would run on positions it was
+    not trained for (logits off by up to 8 before), so loading it is refused; one of the same extension loads."""
+    for name, target in (("a", 512), ("same", 512), ("other", 1024)):
+        trained(get_peft_model(tiny_model("llama", seed=len(name)), LongLoraConfig(target_context_length=target, use_s2_attn=False))).save_pretrained(tmp_path / name)
+    model = PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "a")
+    ids = torch.randint(4, 128, (1, 400), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(ids).logits
+    rope = model.get_base_model().config.rope_parameters
+    with pytest.raises(ValueError, match=r"trained over RoPE default .* extended to linear \(factor 4.*but the base model has linear \(factor 2"):
+        model.load_adapter(tmp_path / "other", "other")
+    model.load_adapter(tmp_path / "same", "same")
+    model.set_adapter("default")
+    assert model.get_base_model().config.rope_parameters == rope
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expected, atol=0, rtol=0)
