@@ -186,9 +186,14 @@ def training_data(script_args, training_args, model_args, dataset_args, longlora
 def main(script_args, training_args, model_args, dataset_args, longlora_args) -> None:
     """TRL's SFT script (`trl/scripts/sft.py: main`) with LongLoRA: the same model loading, data loading,
     training, saving and publishing; `LongLoraSFTTrainer` and a `LongLoraConfig` unless `--longlora false`."""
-    check_longlora_arguments(longlora_args)
-    dataset = training_data(script_args, training_args, model_args, dataset_args, longlora_args)
+    dataset = prepare(script_args, training_args, model_args, dataset_args, longlora_args)
     train(script_args, training_args, model_args, longlora_args, dataset)
+
+
+def prepare(script_args, training_args, model_args, dataset_args, longlora_args):
+    """The first half of `main`, where bad input shows: the LongLoRA flags checked, the data loaded and formatted."""
+    check_longlora_arguments(longlora_args)
+    return training_data(script_args, training_args, model_args, dataset_args, longlora_args)
 
 
 def train(script_args, training_args, model_args, longlora_args, dataset) -> None:
@@ -263,8 +268,7 @@ def run(args) -> int:
     code 2; an error during training keeps its traceback."""
     try:
         script_args, training_args, model_args, dataset_args, longlora_args = parse_arguments(args.command_argv)
-        check_longlora_arguments(longlora_args)
-        dataset = training_data(script_args, training_args, model_args, dataset_args, longlora_args)
+        dataset = prepare(script_args, training_args, model_args, dataset_args, longlora_args)
     except (ValueError, FileNotFoundError) as error:
         print(f"longlora-hf sft: error: {error}", file=sys.stderr)
         return 2

@@ -268,3 +268,20 @@ def test_the_eval_command_names_a_malformed_jsonl_line(tmp_path, tiny_tokenizer,
     (tmp_path / "data.jsonl").write_text('{"text": "w1 w2"}\n{"txt": "w3"}\n')
     assert cli_main(["eval", "--model", str(model_dir), "--data", str(tmp_path / "data.jsonl"), "--lengths", "64"]) == 2
     assert "data.jsonl record 1: expected a JSON object with a 'text' string field" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [(["--batch-size", "0"], "batch_size must be a positive integer; got 0"),
+     (["--stride", "-1"], "stride must be a positive integer; got -1"),
+     (["--lengths", "1"], "context lengths must be integers of at least 2 tokens; got 1"),
+     (["--passkey-depths", "1.5"], "1.5")],
+    ids=["batch-size", "stride", "length", "passkey-depth"],
+)
+def test_the_eval_command_checks_its_options_before_loading_any_model(tmp_path, capsys, flags, message):
+    (tmp_path / "data.txt").write_text("w1 w2 w3")
+    missing_model = tmp_path / "no_model_here"  # loading it first would fail with another error
+    args = ["eval", "--model", str(missing_model), "--data", str(tmp_path / "data.txt"), "--lengths", "64", *flags]
+    assert cli_main(args) == 2
+    error = capsys.readouterr().err
+    assert message in error and str(missing_model) not in error, error

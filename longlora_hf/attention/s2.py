@@ -379,13 +379,11 @@ def s2_attention_forward(
 
     batch, heads, seq, _ = query.shape
     value_dim = value.shape[-1]  # differs from the query/key head size under MLA (DeepSeek-V2/V3)
-    if isinstance(attention_mask, S2Mask):
-        layout = attention_mask.layout(position_ids, batch, seq, settings, query.device)
-    else:
+    if not isinstance(attention_mask, S2Mask):
         # A 4D mask the caller built (transformers passes it through) or None from a wrapper: nothing ties
-        # this call to the other layers of its forward, so it computes its own layout.
-        real = real_tokens_from_mask(attention_mask, batch, seq)
-        layout = s2_layout(real, position_ids, settings, query.device)
+        # this call to the other layers of its forward, so it gets a layout of its own.
+        attention_mask = S2Mask(attention_mask)
+    layout = attention_mask.layout(position_ids, batch, seq, settings, query.device)
     # [batch, heads, seq, dim] -> [batch * seq, heads, dim], then keep the real tokens only.
     q, k, v = (x.transpose(1, 2).reshape(batch * seq, x.shape[1], x.shape[3]) for x in (query, key, value))
     if layout.token_index is not None:

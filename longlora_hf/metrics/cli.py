@@ -44,8 +44,8 @@ def read_texts(path: Path) -> list[str]:
 
 
 def run_eval(args) -> int:
-    from .passkey import passkey_retrieval
-    from .perplexity import compute_perplexity, load_model_and_tokenizer
+    from .passkey import check_passkey_options, passkey_retrieval
+    from .perplexity import check_context_lengths, check_perplexity_options, compute_perplexity, load_model_and_tokenizer
     from .report import NO_PLOTS, context_length_table, plot_passkey, plot_perplexity, plots_available, write_json
 
     adapters = args.adapter or ["none"] * len(args.model)
@@ -54,12 +54,17 @@ def run_eval(args) -> int:
             f"Got {len(args.model)} --model and {len(adapters)} --adapter: give one --adapter per --model "
             "(use --adapter none for a model without one), or none at all."
         )
+    # Before any model is loaded: the options, then the data (read once for every model).
+    check_perplexity_options(args.protocol, args.stride, args.batch_size, args.beyond_context)
+    check_context_lengths(args.lengths)
+    if args.passkey_depths:
+        check_passkey_options(args.passkey_depths, args.passkey_trials)
+    data = {"token_file": args.data} if args.data.suffix == ".bin" else {"predictions": read_texts(args.data)}
     args.out.mkdir(parents=True, exist_ok=True)
     rows, reports = {}, []
     for index, (path, adapter) in enumerate(zip(args.model, adapters)):
         adapter = None if adapter == "none" else adapter
         model, tokenizer = load_model_and_tokenizer(path, adapter=adapter)
-        data = {"token_file": args.data} if args.data.suffix == ".bin" else {"predictions": read_texts(args.data)}
         result = compute_perplexity(
             model, tokenizer, context_lengths=args.lengths, protocol=args.protocol, stride=args.stride,
             batch_size=args.batch_size, beyond_context=args.beyond_context, **data,
