@@ -140,3 +140,12 @@ def test_continued_pretraining_packs_plain_text_into_full_rows_with_the_loss_on_
     assert (batch["labels"] == batch["input_ids"]).all()  # loss on every token: nothing masked
     trainer.train()
     assert trainer.state.log_history[-1]["train_loss"] > 0
+
+
+def test_the_format_command_without_max_length_says_nothing_was_checked_for_length(tmp_path, capsys):
+    from longlora_hf.cli import main as cli_main
+
+    (tmp_path / "qa.jsonl").write_text(json.dumps(RECORD) + "\n")
+    assert cli_main(["format", "--style", "longqa", "--input", str(tmp_path / "qa.jsonl"), "--output", str(tmp_path / "out.jsonl")]) == 0
+    out = capsys.readouterr().out
+    assert "1 kept as they were, none checked for length (no --max-length)" in out and "None tokens" not in out

@@ -30,8 +30,10 @@ def run(args) -> int:
     with open(args.output, "w", encoding="utf-8") as f:
         for example in examples:
             f.write(json.dumps(example, ensure_ascii=False) + "\n")
-    print(
-        f"wrote {len(examples)} prompt/completion examples to {args.output}: {counts['kept']} kept as they were, "
+    fitted = (
         f"{counts['truncated']} truncated to fit {args.max_length} tokens, {counts['dropped']} dropped"
+        if args.max_length is not None
+        else "none checked for length (no --max-length)"
     )
+    print(f"wrote {len(examples)} prompt/completion examples to {args.output}: {counts['kept']} kept as they were, {fitted}")
     return 0
