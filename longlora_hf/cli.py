@@ -3,8 +3,9 @@
 Each command lives with the code it runs: its module's `register(subparsers)` adds the command's parser
 and sets `run`, a function of the parsed arguments returning the exit code. A command whose arguments
 another parser reads (`sft`: TRL's parser, with `--config` YAML) sets `parses_its_own_arguments` and gets
-everything after its name as `command_argv`. Bad input (ValueError, FileNotFoundError, a missing optional
-dependency) ends with one line naming the command and exit code 2; a command that runs for long
+everything after its name as `command_argv`. Bad input (ValueError; OSError: a missing, unreadable or
+unwritable path, an existing output; a missing optional dependency) ends with one line naming the command
+and exit code 2; a command that runs for long
 (`sft`) sets `reports_its_own_errors` and does that only for what it checks before its work starts, so an
 error during training keeps its traceback.
 """
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, ImportError) as error:
+    except (ValueError, OSError, ImportError) as error:
         print(f"longlora-hf {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -13,13 +13,16 @@ config: `trl sft`. Nothing outside this package is reassigned.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import typing
 from dataclasses import dataclass, field, make_dataclass
+from pathlib import Path
 
-from .training.formatting import check_record_format, check_too_long, record_fields
+from .paths import check_model_source, check_not_an_input, check_writable_parent, claimed_directory
+from .training.formatting import check_record_format, check_too_long, check_training_file, read_records, record_fields
 from .tuner import LongLoraConfig
 
 logger = logging.getLogger(__name__)
@@ -67,6 +70,14 @@ class _SftArguments:
         default="truncate",
         metadata={"help": "A LongQA record longer than max_length: 'truncate' (cut the end of the material) or 'drop'."},
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Train into an output_dir that already holds files (an earlier run's checkpoints, or files of your "
+            "own): the Trainer writes over what has the same names. Without it such an output_dir is refused, unless "
+            "resuming with --resume_from_checkpoint."
+        },
+    )
 
 
 LongLoraArguments = make_dataclass("LongLoraArguments", [_config_flag(name) for name in CONFIG_FLAGS], bases=(_SftArguments,))
@@ -81,7 +92,8 @@ def longlora_config(model_args, training_args, longlora_args) -> LongLoraConfig:
     """A LongLoraConfig from TRL's LoRA flags (those TRL's `get_peft_config` reads: `--lora_*`, `--use_rslora`,
     `--use_dora`) and the LongLoRA ones."""
     flags = {name: getattr(longlora_args, name) for name in CONFIG_FLAGS}
-    flags["target_context_length"] = flags["target_context_length"] or training_args.max_length
+    if flags["target_context_length"] is None:
+        flags["target_context_length"] = training_args.max_length
     if model_args.lora_target_parameters is not None:
         flags["target_parameters"] = model_args.lora_target_parameters
     return LongLoraConfig(
@@ -105,6 +117,157 @@ def check_longlora_arguments(longlora_args) -> None:
     record_fields(longlora_args.record_format, longlora_args.record_fields, "--record_fields")
 
 
+def check_numbers(training_args, model_args) -> None:
+    """The numeric flags of TRL's SFT script that reach a library unchecked, refused with the flag, the value and
+    the rule (the LongLoRA ones are checked by `LongLoraConfig`)."""
+    def refuse(flag, value, rule):
+        raise ValueError(f"--{flag} must be {rule}; got {value!r}.")
+
+    if training_args.max_length is not None and training_args.max_length < 1:
+        refuse("max_length", training_args.max_length, "a positive number of tokens (or unset: no truncation)")
+    for flag in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        if getattr(training_args, flag) < 1:
+            refuse(flag, getattr(training_args, flag), "at least 1")
+    if training_args.max_steps == 0 or training_args.max_steps < -1:
+        refuse("max_steps", training_args.max_steps, "a positive number of steps, or -1 (train --num_train_epochs)")
+    if training_args.max_steps == -1 and not training_args.num_train_epochs > 0:
+        refuse("num_train_epochs", training_args.num_train_epochs, "positive (or set --max_steps)")
+    if training_args.learning_rate < 0:
+        refuse("learning_rate", training_args.learning_rate, "0 or more")
+    for flag, strategy in (("save_steps", "save_strategy"), ("eval_steps", "eval_strategy")):
+        value = getattr(training_args, flag)
+        chosen = getattr(training_args, strategy)
+        if getattr(chosen, "value", chosen) == "steps" and value is not None and not value > 0:
+            refuse(flag, value, f"positive with --{strategy} steps (a number of steps, or a fraction of the run below 1)")
+    if model_args.lora_r is not None and model_args.lora_r < 1:
+        refuse("lora_r", model_args.lora_r, "at least 1")
+    if model_args.lora_alpha is not None and not model_args.lora_alpha > 0:
+        refuse("lora_alpha", model_args.lora_alpha, "positive")
+    if not 0 <= model_args.lora_dropout < 1:
+        refuse("lora_dropout", model_args.lora_dropout, "in [0, 1)")
+
+
+def _local(value) -> Path | None:
+    """`value` as a local path when it is one that exists, else None (a Hub id, a builder name like 'json')."""
+    if not isinstance(value, (str, os.PathLike)):
+        return None
+    path = Path(value).expanduser()
+    return path if path.exists() else None
+
+
+def local_data_paths(script_args, dataset_args) -> list[Path]:
+    """The local files and directories the data comes from: a `datasets:` mixture's `path` and `data_files`, or
+    `--dataset_name` when it names a local directory or file."""
+    found = []
+    for dataset in dataset_args.datasets or []:
+        files = dataset.data_files
+        files = files.values() if isinstance(files, dict) else [files]
+        for group in files:
+            found.extend(_local(path) for path in ([group] if isinstance(group, (str, os.PathLike)) else (group or [])))
+        found.append(_local(dataset.path))
+    if not dataset_args.datasets:
+        found.append(_local(script_args.dataset_name))
+    return [path for path in dict.fromkeys(found) if path is not None]
+
+
+# Files `datasets` keeps beside the data in a dataset directory, not data itself.
+DATASET_METADATA = {"dataset_info.json", "dataset_infos.json", "dataset_dict.json", "state.json"}
+
+
+def local_data_files(script_args, dataset_args) -> list[Path]:
+    """The local .json/.jsonl/.txt data files: a mixture's `data_files` where given, else the files of a local
+    directory (`path`, `--dataset_name`), searched as `datasets` does, without hidden and metadata files."""
+    given = []
+    for dataset in dataset_args.datasets or []:
+        files = dataset.data_files
+        files = files.values() if isinstance(files, dict) else [files]
+        for group in files:
+            given.extend(_local(p) for p in ([group] if isinstance(group, (str, os.PathLike)) else (group or [])))
+        if not dataset.data_files and _local(dataset.path) is not None:
+            given.append(_local(dataset.path))
+    if not dataset_args.datasets:
+        given.append(_local(script_args.dataset_name))
+    files = []
+    for path in dict.fromkeys(p for p in given if p is not None):
+        candidates = sorted(path.rglob("*")) if path.is_dir() else [path]
+        files.extend(
+            p for p in candidates
+            if p.is_file() and p.suffix in (".json", ".jsonl", ".txt") and p.name not in DATASET_METADATA
+            and not any(part.startswith(".") for part in p.relative_to(path.parent).parts)
+        )
+    return files
+
+
+def check_local_data(script_args, training_args, dataset_args, longlora_args) -> None:
+    """Read every local data file once before anything is trained: with --record_format, as records of that
+    format (`read_records`); else as TRL's SFT will need them (`check_training_file`). Errors name the file and
+    the record."""
+    for path in local_data_files(script_args, dataset_args):
+        if longlora_args.record_format is not None:
+            if path.suffix in (".json", ".jsonl"):
+                read_records(path)
+        else:
+            check_training_file(path, training_args.dataset_text_field)
+
+
+def check_output_dir(script_args, training_args, model_args, dataset_args) -> None:
+    """Where the output_dir is, by the rule of `longlora_hf.paths`: a directory, never the model or the data (or
+    inside or around them), and writable."""
+    output = Path(training_args.output_dir).expanduser().resolve()
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output_dir {training_args.output_dir} is a file; give a directory.")
+    inputs = {"--model_name_or_path": model_args.model_name_or_path, "data": local_data_paths(script_args, dataset_args)}
+    check_not_an_input(output, inputs, "--output_dir")
+    check_writable_parent(output, "--output_dir")
+    if output.exists() and not os.access(output, os.W_OK | os.X_OK):
+        raise PermissionError(f"--output_dir {training_args.output_dir}: cannot write in it (permission denied); choose a writable directory.")
+
+
+def check_output_dir_contents(training_args, longlora_args) -> None:
+    """What the output_dir already holds (checked once the run has claimed it): files there are refused unless
+    the run resumes (`--resume_from_checkpoint`) or `--overwrite_output_dir`."""
+    output = Path(training_args.output_dir).expanduser()
+    held = sorted(os.listdir(output)) if output.is_dir() else []
+    if held and training_args.resume_from_checkpoint is None and not longlora_args.overwrite_output_dir:
+        shown = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
+        raise FileExistsError(
+            f"--output_dir {training_args.output_dir} already holds files ({shown}). Pass --resume_from_checkpoint "
+            "true to continue the run that wrote them, --overwrite_output_dir true to train over them, or choose an "
+            "empty --output_dir."
+        )
+
+
+def resolve_resume(training_args) -> None:
+    """Make `--resume_from_checkpoint` a complete checkpoint. 'true' (or 'last') means the newest complete
+    checkpoint of output_dir; newer incomplete ones (a run killed while saving) are skipped and named. A
+    checkpoint given by path must be complete, or the error says what is missing and which one to use."""
+    from .training.checkpoints import incomplete, last_complete_checkpoint
+
+    wanted = training_args.resume_from_checkpoint
+    if wanted is None:
+        return
+    if str(wanted).lower() in ("true", "last"):
+        found, skipped = last_complete_checkpoint(training_args.output_dir)
+        for checkpoint, reason in skipped.items():
+            logger.warning(f"LongLoRA: skipping the incomplete checkpoint {checkpoint}: {reason}.")
+        if found is None:
+            why = "".join(f"; {p.name}: {r}" for p, r in skipped.items())
+            raise ValueError(
+                f"--resume_from_checkpoint {wanted}: no complete checkpoint in --output_dir {training_args.output_dir}"
+                f"{why}. Start a new run (without --resume_from_checkpoint) in an empty --output_dir."
+            )
+        if skipped:
+            logger.warning(f"LongLoRA: resuming from {found}.")
+        training_args.resume_from_checkpoint = str(found)
+        return
+    reason = incomplete(wanted)
+    if reason is not None:
+        parent = Path(wanted).parent
+        found, _ = last_complete_checkpoint(parent) if parent.is_dir() else (None, {})
+        fix = f"resume from {found} (the newest complete one), or pass --resume_from_checkpoint true" if found else "start a new run"
+        raise ValueError(f"--resume_from_checkpoint {wanted} cannot be resumed from: {reason}. {fix[0].upper() + fix[1:]}.")
+
+
 def load_dataset(script_args, dataset_args):
     """The dataset, loaded by the rules of TRL's SFT script: a `datasets:` mixture wins over `dataset_name`."""
     from datasets import load_dataset as load_named_dataset
@@ -120,21 +283,6 @@ def load_dataset(script_args, dataset_args):
     if script_args.dataset_name:
         return load_named_dataset(script_args.dataset_name, name=script_args.dataset_config, streaming=script_args.dataset_streaming)
     raise ValueError("Either `datasets` or `dataset_name` must be provided.")
-
-
-def local_record_files(dataset_args) -> list[str]:
-    """The local .json/.jsonl files of a `datasets:` mixture."""
-    from pathlib import Path
-
-    paths = []
-    for dataset in dataset_args.datasets or []:
-        files = dataset.data_files
-        files = files.values() if isinstance(files, dict) else [files]
-        for group in files:
-            for path in [group] if isinstance(group, str) else (group or []):
-                if isinstance(path, str) and path.endswith((".json", ".jsonl")) and Path(path).is_file():
-                    paths.append(path)
-    return paths
 
 
 def format_dataset(dataset, longlora_args, model_args, training_args):
@@ -167,33 +315,54 @@ def format_dataset(dataset, longlora_args, model_args, training_args):
 
 def training_data(script_args, training_args, model_args, dataset_args, longlora_args):
     """The dataset as the trainer gets it: loaded as TRL's script loads it, then formatted with `--record_format`."""
-    from .training import read_records
-
-    try:
-        dataset = load_dataset(script_args, dataset_args)
-        if longlora_args.record_format is not None:
-            dataset = format_dataset(dataset, longlora_args, model_args, training_args)
-    except Exception:
-        if longlora_args.record_format is not None:
-            # A bad local file fails inside `datasets` with a pyarrow error; read it again through
-            # `read_records`, whose errors name the file and the line (only now: the data may be large).
-            for path in local_record_files(dataset_args):
-                read_records(path)
-        raise
+    dataset = load_dataset(script_args, dataset_args)
+    if longlora_args.record_format is not None:
+        dataset = format_dataset(dataset, longlora_args, model_args, training_args)
     return dataset
 
 
 def main(script_args, training_args, model_args, dataset_args, longlora_args) -> None:
     """TRL's SFT script (`trl/scripts/sft.py: main`) with LongLoRA: the same model loading, data loading,
-    training, saving and publishing; `LongLoraSFTTrainer` and a `LongLoraConfig` unless `--longlora false`."""
-    dataset = prepare(script_args, training_args, model_args, dataset_args, longlora_args)
-    train(script_args, training_args, model_args, longlora_args, dataset)
+    training, saving and publishing; `LongLoraSFTTrainer` and a `LongLoraConfig` unless `--longlora false`.
+    The arguments are checked first (`check_arguments`); then the output_dir is claimed for the run
+    (`claimed_output_dir`) and what it holds, the checkpoint and the data are checked (`check_run_state`)."""
+    check_arguments(script_args, training_args, model_args, dataset_args, longlora_args)
+    with claimed_output_dir(training_args):
+        check_run_state(script_args, training_args, dataset_args, longlora_args)
+        dataset = training_data(script_args, training_args, model_args, dataset_args, longlora_args)
+        train(script_args, training_args, model_args, longlora_args, dataset)
 
 
-def prepare(script_args, training_args, model_args, dataset_args, longlora_args):
-    """The first half of `main`, where bad input shows: the LongLoRA flags checked, the data loaded and formatted."""
+def claimed_output_dir(training_args):
+    """On the main process (global rank 0), the claim on output_dir that refuses a second run writing to it at the
+    same time (`longlora_hf.paths.claimed_directory`); the other ranks of a launch share their main one's. A
+    refused main process exits with code 2, and `accelerate launch`/`torchrun` stop the other ranks with it; a
+    launcher that sets no RANK (plain `srun`, `mpirun`) makes every process claim, so use one that does."""
+    if os.environ.get("RANK", "0") != "0":
+        return contextlib.nullcontext()
+    return claimed_directory(training_args.output_dir, "--output_dir")
+
+
+def check_arguments(script_args, training_args, model_args, dataset_args, longlora_args) -> None:
+    """What can be checked before anything is written: the flags and numbers, the model path, where the
+    output_dir is."""
     check_longlora_arguments(longlora_args)
-    return training_data(script_args, training_args, model_args, dataset_args, longlora_args)
+    check_numbers(training_args, model_args)
+    if longlora_args.longlora:
+        longlora_config(model_args, training_args, longlora_args)  # validates the LongLoRA flags
+    if model_args.model_name_or_path is None:
+        raise ValueError("--model_name_or_path is required: the model to fine-tune (a local directory or a Hub id).")
+    # "config": TRL's loader takes .bin weights too; safetensors present are checked
+    check_model_source(model_args.model_name_or_path, "--model_name_or_path", "config")
+    check_output_dir(script_args, training_args, model_args, dataset_args)
+
+
+def check_run_state(script_args, training_args, dataset_args, longlora_args) -> None:
+    """Checked once the run holds the output_dir, before anything is loaded: what the output_dir holds, the
+    checkpoint to resume from, every local data file."""
+    check_output_dir_contents(training_args, longlora_args)
+    resolve_resume(training_args)
+    check_local_data(script_args, training_args, dataset_args, longlora_args)
 
 
 def train(script_args, training_args, model_args, longlora_args, dataset) -> None:
@@ -225,13 +394,41 @@ def train(script_args, training_args, model_args, longlora_args, dataset) -> Non
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.accelerator.print("Training completed.")
-    trainer.save_model(training_args.output_dir)
+    save_model_whole(trainer, training_args.output_dir)
     trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
         trainer.accelerator.print(f"Model pushed to the Hub in https://huggingface.co/{trainer.hub_model_id}.")
     # What `Trainer.end()` (transformers >= 5.18) does: finish the trackers and leave the process group.
     trainer.accelerator.end_training()
+
+
+def save_model_whole(trainer, output_dir: str) -> None:
+    """`trainer.save_model(output_dir)`, written first into a partial directory inside output_dir and then
+    renamed into place file by file, so a run killed while saving leaves each file whole (the earlier one, as
+    after a resumed run, or the new one), never a torn adapter file. A README.md someone wrote is kept, as
+    `save_pretrained` keeps it. Every rank takes part (ZeRO-3 gathers the weights); the main one moves the
+    files."""
+    import shutil
+
+    from .model_card import is_replaceable_card
+
+    partial = Path(output_dir) / ".final-model.longlora-hf-partial"
+    if trainer.args.should_save:
+        shutil.rmtree(partial, ignore_errors=True)  # left by a run killed while saving
+    trainer.save_model(str(partial))
+    if trainer.args.should_save:
+        configs_last = sorted(partial.iterdir(), key=lambda entry: (entry.name.endswith("config.json"), entry.name))
+        for entry in configs_last:
+            target = Path(output_dir) / entry.name
+            if entry.name == "README.md" and target.is_file() and not is_replaceable_card(target):
+                entry.unlink()
+                continue
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            os.replace(entry, target)
+        partial.rmdir()
+    trainer.accelerator.wait_for_everyone()
 
 
 # LoRA's rank and alpha when neither a flag nor the recipe sets them: the paper's under LongLoRA (Section 4.1:
@@ -266,13 +463,17 @@ def parse_arguments(argv: list[str] | None = None, prog: str = "longlora-hf sft"
 def run(args) -> int:
     """`longlora-hf sft`. Bad input (flags, options, data) found before training ends with one line and exit
     code 2; an error during training keeps its traceback."""
-    try:
-        script_args, training_args, model_args, dataset_args, longlora_args = parse_arguments(args.command_argv)
-        dataset = prepare(script_args, training_args, model_args, dataset_args, longlora_args)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"longlora-hf sft: error: {error}", file=sys.stderr)
-        return 2
-    train(script_args, training_args, model_args, longlora_args, dataset)
+    with contextlib.ExitStack() as claim:
+        try:
+            script_args, training_args, model_args, dataset_args, longlora_args = parse_arguments(args.command_argv)
+            check_arguments(script_args, training_args, model_args, dataset_args, longlora_args)
+            claim.enter_context(claimed_output_dir(training_args))
+            check_run_state(script_args, training_args, dataset_args, longlora_args)
+            dataset = training_data(script_args, training_args, model_args, dataset_args, longlora_args)
+        except (ValueError, OSError) as error:
+            print(f"longlora-hf sft: error: {error}", file=sys.stderr)
+            return 2
+        train(script_args, training_args, model_args, longlora_args, dataset)
     return 0
 
 

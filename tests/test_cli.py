@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import pytest
 
@@ -64,7 +65,9 @@ def test_an_error_during_sft_training_keeps_its_traceback(monkeypatch):
     from longlora_hf import sft
 
     monkeypatch.setattr(sft, "parse_arguments", lambda argv: (None,) * 5)
-    monkeypatch.setattr(sft, "check_longlora_arguments", lambda longlora_args: None)
+    monkeypatch.setattr(sft, "check_arguments", lambda *args: None)
+    monkeypatch.setattr(sft, "check_run_state", lambda *args: None)
+    monkeypatch.setattr(sft, "claimed_output_dir", lambda training_args: contextlib.nullcontext())
     monkeypatch.setattr(sft, "training_data", lambda *args: "dataset")
 
     def train(*args):

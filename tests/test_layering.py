@@ -24,7 +24,7 @@ import longlora_hf
 
 # Lowest first. A unit may import its own layer's units (without cycles) and those of the layers below.
 LAYERS = (
-    ("position_interpolation", "model_cards", "model_card"),  # leaves: torch, huggingface_hub, the templates
+    ("position_interpolation", "model_cards", "model_card", "paths"),  # leaves: torch, huggingface_hub, the templates; paths: what commands read and write
     ("attention",),  # the "s2" backend
     ("tuner",),  # LongLoraConfig: position interpolation + S2 + the card it writes on save
     ("training", "hub", "metrics"),  # built on the tuner; metrics' eval command reads training's records

@@ -693,3 +693,42 @@ def test_bfloat16_training_is_close_to_float32():
         logits.append(out.float())
     real = attention_mask.bool()
     torch.testing.assert_close(logits[1][real], logits[0][real], atol=2e-2, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_groups_under_two_tokens_raise_in_training_outside_the_callback(arch):
+    """Before, a ratio this small trained dense attention silently (the callback checks only under TRL)."""
+    from peft import get_peft_model
+
+    model = get_peft_model(tiny_model(arch), longlora_hf.LongLoraConfig(group_size_ratio=0.02)).train()
+    ids, _ = batch(n=64, lengths=(64, 64))
+    with pytest.raises(ValueError, match=(
+        r"a training sequence of 64 tokens gets groups of int\(64 x group_size_ratio 0.02\) = 1 token\(s\); "
+        r"groups need at least 2 tokens.*Raise group_size_ratio to at least 0.032 .*or set group_size")):
+        model(input_ids=ids, labels=ids)
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)  # inference is dense anyway: nothing to refuse
+
+
+def test_groups_under_two_tokens_at_the_target_context_are_refused_when_the_adapter_is_made():
+    from peft import get_peft_model
+
+    with pytest.raises(ValueError, match=r"sequence of 1024 tokens gets groups of int\(1024 x group_size_ratio 0.001\) = 1 token"):
+        get_peft_model(tiny_model("llama"), longlora_hf.LongLoraConfig(group_size_ratio=0.001, target_context_length=1024))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_sequences_too_short_for_two_token_groups_train_with_dense_attention(arch):
+    """Below DENSE_BELOW_TOKENS a sequence is no longer than an S2 group: a short batch must not stop a run."""
+    from peft import get_peft_model
+
+    assert s2.DENSE_BELOW_TOKENS == 16
+    model = get_peft_model(tiny_model(arch), longlora_hf.LongLoraConfig(group_size_ratio=0.25)).train()
+    ids, _ = batch(n=7, lengths=(7,))  # int(7 x 0.25) = 1
+    s2_loss = model(input_ids=ids, labels=ids).loss  # no error
+    dense = get_peft_model(tiny_model(arch), longlora_hf.LongLoraConfig(group_size_ratio=0.25, use_s2_attn=False)).train()
+    dense.load_state_dict(model.state_dict())
+    torch.testing.assert_close(s2_loss, dense(input_ids=ids, labels=ids).loss, atol=1e-6, rtol=0)
+    packed = torch.arange(40) % 5  # eight 5-token documents in a 40-token row: short documents, long row
+    assert torch.isfinite(model(input_ids=ids.new_full((1, 40), 7), position_ids=packed[None], labels=ids.new_full((1, 40), 7)).loss)

@@ -373,3 +373,153 @@ def test_a_zero3_run_resumed_from_its_checkpoint_ends_with_the_uninterrupted_ada
     torch.testing.assert_close(logits_of(tmp_path / "resumed"), logits_of(tmp_path / "straight"), atol=1e-6, rtol=0)
     assert not torch.allclose(logits_of(checkpoint), logits_of(tmp_path / "straight"))
 
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad input found before training: numbers, paths, data, the output_dir, checkpoints
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--max_length", "0"], "--max_length must be a positive number of tokens (or unset: no truncation); got 0"),
+        (["--max_length", "-5"], "--max_length must be a positive number of tokens (or unset: no truncation); got -5"),
+        (["--target_context_length", "0"], "target_context_length must be a positive integer number of tokens; got 0"),
+        (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be at least 1; got 0"),
+        (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be at least 1; got 0"),
+        (["--max_steps", "0"], "--max_steps must be a positive number of steps, or -1"),
+        (["--max_steps", "-1", "--num_train_epochs", "0"], "--num_train_epochs must be positive (or set --max_steps); got 0.0"),
+        (["--learning_rate=-1e-3"], "--learning_rate must be 0 or more; got -0.001"),
+        (["--save_strategy", "steps", "--save_steps", "0"], "--save_steps must be positive with --save_strategy steps"),
+        (["--lora_r", "0"], "--lora_r must be at least 1; got 0"),
+        (["--lora_dropout", "1.5"], "--lora_dropout must be in [0, 1); got 1.5"),
+        (["--group_size_ratio", "0"], "group_size_ratio"),
+    ],
+    ids=lambda value: "_".join(value) if isinstance(value, list) else None,
+)
+def test_every_numeric_flag_is_checked_before_anything_is_loaded(tmp_path, monkeypatch, capsys, flags, message):
+    monkeypatch.chdir(ROOT)
+    error = refused(["sft", "--config", RECIPE, "--output_dir", str(tmp_path / "out"), *flags], capsys)
+    assert error.startswith("longlora-hf sft: error:") and message in error, error
+    assert not (tmp_path / "out").exists()
+
+
+def plain_recipe(tmp_path: Path, content: bytes, suffix: str = ".jsonl") -> str:
+    """The tiny recipe on a plain-text data file holding `content` (no --record_format)."""
+    import yaml
+
+    data = tmp_path / f"data{suffix}"
+    data.write_bytes(content)
+    recipe = yaml.safe_load((ROOT / RECIPE).read_text())
+    recipe.update(datasets=[{"path": "json", "data_files": str(data)}], output_dir=str(tmp_path / "out"))
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    return str(tmp_path / "recipe.yaml")
+
+
+@pytest.mark.parametrize(
+    "content, suffix, message",
+    [
+        (b"", ".jsonl", "data.jsonl holds no records: the dataset is empty"),
+        (b'{"content": "some text"}\n', ".jsonl", "data.jsonl record 1 has fields content; TRL's SFT needs a 'text' string"),
+        (b'{"text": "a"}\n{"body": "b"}\n', ".jsonl", "data.jsonl record 2 has fields body"),
+        (b'{"text": "caf\xe9"}\n', ".jsonl", "data.jsonl is not UTF-8 (byte 13 is 0xe9)"),
+        (b'{"text": "a"}\n{"text": \n', ".jsonl", "data.jsonl line 2 is not valid JSON"),
+        (b'[{"text": "a"}, ', ".json", "data.json is not valid JSON"),
+        (b'{"text": 5}\n', ".jsonl", "data.jsonl record 1: 'text' is a int, not a string"),
+    ],
+    ids=["empty", "no-text-field", "field-missing-later", "not-utf8", "malformed-jsonl", "malformed-json", "text-not-a-string"],
+)
+def test_plain_text_data_is_checked_before_training_with_the_file_and_record_named(tmp_path, monkeypatch, capsys, content, suffix, message):
+    monkeypatch.chdir(ROOT)
+    error = refused(["sft", "--config", plain_recipe(tmp_path, content, suffix), "--max_steps", "1"], capsys)
+    assert message in error, error
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_plain_data_file_in_json_lines_under_a_json_name_is_read_as_datasets_reads_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    text = json.loads((ROOT / "trainer_configs" / "data" / "tiny_text.jsonl").read_text().splitlines()[0])["text"]
+    recipe = plain_recipe(tmp_path, (json.dumps({"text": text}) + "\n").encode() * 2, ".json")
+    assert cli_main(["sft", "--config", recipe, "--max_steps", "1", "--disable_tqdm", "true"]) == 0
+
+
+@pytest.mark.parametrize("where", ["the model", "around the data", "a file"])
+def test_an_output_dir_that_is_an_input_or_a_file_is_refused(tmp_path, monkeypatch, capsys, where):
+    monkeypatch.chdir(ROOT)
+    recipe = plain_recipe(tmp_path, b'{"text": "a b c"}\n')
+    (tmp_path / "afile").write_text("x")
+    output_dir = {"the model": ROOT / "longlora_hf" / "demo" / "assets", "around the data": tmp_path, "a file": tmp_path / "afile"}[where]
+    before = sorted(p.name for p in Path(output_dir).parent.iterdir())
+    error = refused(["sft", "--config", recipe, "--output_dir", str(output_dir), "--max_steps", "1", "--overwrite_output_dir", "true"], capsys)
+    assert ("never writes into its own inputs" in error) if where != "a file" else ("is a file" in error)
+    assert sorted(p.name for p in Path(output_dir).parent.iterdir()) == before
+
+
+def test_a_missing_local_model_is_named_as_a_missing_directory(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    error = refused(["sft", "--config", RECIPE, "--output_dir", str(tmp_path / "out"), "--model_name_or_path", str(tmp_path / "nope")], capsys)
+    assert f"--model_name_or_path {tmp_path / 'nope'}: no such directory" in error
+
+
+def test_an_output_dir_holding_files_is_refused_unless_the_run_resumes_or_overwrites(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.md").write_text("mine")
+    args = ["sft", "--config", RECIPE, "--output_dir", str(out), "--max_steps", "1", "--disable_tqdm", "true"]
+    error = refused(args, capsys)
+    assert f"--output_dir {out} already holds files (notes.md)" in error and "--resume_from_checkpoint true" in error
+    assert cli_main([*args, "--overwrite_output_dir", "true"]) == 0
+    assert (out / "adapter_model.safetensors").is_file() and (out / "notes.md").read_text() == "mine"
+    assert [p.name for p in (*out.iterdir(), *tmp_path.iterdir()) if "longlora-hf" in p.name] == []  # no partial or lock file left
+
+
+def test_a_second_run_into_the_output_dir_of_a_running_one_is_refused(tmp_path, monkeypatch, capsys):
+    """Before, both reported success and one run was silently gone."""
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "out"
+    log = (tmp_path / "first.log").open("w")
+    first = subprocess.Popen(
+        [sys.executable, "-m", "longlora_hf.cli", "sft", "--config", RECIPE, "--output_dir", str(out), "--max_steps", "500",
+         "--disable_tqdm", "true"], cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        import time
+
+        deadline = time.monotonic() + 300
+        while "LongLoRA: S2-Attn" not in (tmp_path / "first.log").read_text():  # the first run is training
+            assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()[-3000:]
+            time.sleep(0.5)
+        error = refused(["sft", "--config", RECIPE, "--output_dir", str(out), "--max_steps", "1"], capsys)
+        assert f"--output_dir {out}: another run is writing to it (process {first.pid} on" in error
+    finally:
+        first.kill()
+        first.wait()
+        log.close()
+
+
+def test_resuming_skips_a_checkpoint_torn_by_a_kill_and_says_so(tmp_path, monkeypatch, capsys, caplog):
+    """A SIGKILL while the Trainer saves leaves checkpoint-N without trainer_state.json (written last)."""
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "out"
+    common = ["sft", "--config", RECIPE, "--output_dir", str(out), "--disable_tqdm", "true", "--save_strategy", "steps", "--save_steps", "1"]
+    assert cli_main([*common, "--max_steps", "2"]) == 0
+    torn = out / "checkpoint-3"
+    torn.mkdir()
+    (torn / "README.md").write_text("card")
+    (torn / "tmpq1w2e3").write_bytes((out / "checkpoint-2" / "adapter_model.safetensors").read_bytes()[:1000])
+    error = refused([*common, "--max_steps", "3", "--resume_from_checkpoint", str(torn)], capsys)
+    assert f"--resume_from_checkpoint {torn} cannot be resumed from: no trainer_state.json" in error
+    assert f"Resume from {out / 'checkpoint-2'} (the newest complete one)" in error
+    with caplog.at_level("WARNING", logger="longlora_hf.sft"):
+        assert cli_main([*common, "--max_steps", "3", "--resume_from_checkpoint", "true"]) == 0
+    assert f"skipping the incomplete checkpoint {torn}: no trainer_state.json" in caplog.text
+    assert f"resuming from {out / 'checkpoint-2'}" in caplog.text
+    assert json.loads((torn / "trainer_state.json").read_text())["global_step"] == 3  # trained on from step 2
+
+
+def test_resuming_with_no_complete_checkpoint_explains_the_fix(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "out"
+    (out / "checkpoint-1").mkdir(parents=True)
+    error = refused(["sft", "--config", RECIPE, "--output_dir", str(out), "--max_steps", "2", "--resume_from_checkpoint", "true"], capsys)
+    assert f"no complete checkpoint in --output_dir {out}; checkpoint-1: no trainer_state.json" in error

@@ -6,7 +6,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from .s2 import S2Layout, S2Mask, check_causal, check_even_heads, s2_attention_forward, s2_layout, s2_mask
+from .s2 import S2Layout, S2Mask, check_causal, check_group_size, check_even_heads, s2_attention_forward, s2_layout, s2_mask
 from .settings import (
     INNER_ATTN_IMPLEMENTATIONS,
     S2_ATTN_IMPLEMENTATION,
@@ -21,6 +21,7 @@ __all__ = [
     "S2AttentionSettings",
     "S2Layout",
     "S2Mask",
+    "check_group_size",
     "check_s2_compatible",
     "inner_attn_implementation_for",
     "register_attention",

@@ -31,6 +31,8 @@ without gradients, so their forward and their recomputation agree.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import astuple, dataclass, field
 
 import torch
@@ -106,17 +108,39 @@ def _runs(lengths: list[int]) -> list[tuple[int, int, int]]:
     return runs
 
 
+# A sequence (or packed document) shorter than this gets dense attention when its groups would be under 2
+# tokens, whatever the ratio: at the paper's smallest ratio (1/8) groups reach 2 tokens at 16 tokens, so a
+# shorter one is no longer than an S2 group and dense attention over it is what S2 would approach. From this
+# length on, groups under 2 tokens mean the ratio is too small for the data: an error, not dense training.
+DENSE_BELOW_TOKENS = 16
+
+
+def check_group_size(length: int, group_size: int, settings: S2AttentionSettings) -> None:
+    """Refuse groups under 2 tokens for a training sequence of `length` >= DENSE_BELOW_TOKENS tokens."""
+    if group_size < 2 and length >= DENSE_BELOW_TOKENS:
+        smallest = math.ceil(2 / length * 1000) / 1000  # rounded up, so that it works at this length
+        raise ValueError(
+            f"S2-Attn: a training sequence of {length} tokens gets groups of int({length} x group_size_ratio "
+            f"{settings.group_size_ratio}) = {group_size} token(s); groups need at least 2 tokens, or the sequence "
+            f"would train with dense attention. Raise group_size_ratio to at least {smallest} (the paper's is 0.25), "
+            "or set group_size."
+        )
+
+
 def s2_layout(
     real: torch.Tensor, position_ids: torch.Tensor | None, settings: S2AttentionSettings, device=None
 ) -> S2Layout:
-    """Build the layout of both halves for a batch. real: [batch, seq] bool, on any device; the
-    layout's tensors go to `device` (default: real's)."""
+    """Build the layout of both halves for a training batch. real: [batch, seq] bool, on any device; the
+    layout's tensors go to `device` (default: real's). Groups under 2 tokens are refused
+    (`check_group_size`), except in sequences shorter than DENSE_BELOW_TOKENS, which are dense."""
     device = real.device if device is None else device
     real_cpu = real.cpu()
     positions_cpu = None if position_ids is None else position_ids.cpu()
     lengths = ([], [])
     for length in segment_lengths(real_cpu, positions_cpu):
-        for half, groups in zip(lengths, group_lengths(length, settings.group_size_for(length), settings.shift)):
+        group_size = settings.group_size_for(length)
+        check_group_size(length, group_size, settings)
+        for half, groups in zip(lengths, group_lengths(length, group_size, settings.shift)):
             half.extend(groups)
     cu_seqlens = tuple(
         F.pad(torch.tensor(half, dtype=torch.int32).cumsum(0, dtype=torch.int32), (1, 0)).to(device)

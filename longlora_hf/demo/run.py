@@ -28,6 +28,7 @@ from ..metrics.perplexity import token_stream
 from ..metrics.report import NO_PLOTS, context_length_table, plot_perplexity, plots_available
 from ..tuner import LongLoraConfig, apply_position_interpolation
 from ..model_card import render_model_card
+from ..paths import output_directory
 from . import ASSETS
 from .corpus import read_split
 
@@ -114,6 +115,22 @@ def fine_tune(base, tokenizer, config: LongLoraConfig, rows, steps: int, learnin
     return trainer.model, trainer, seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def check_demo_options(steps: int, learning_rate: float, passkey_trials: int, eval_documents: int, stride: int) -> None:
+    """The demo's numbers, checked before anything is loaded or written."""
+    def whole(value, minimum):
+        return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+    for name, value, ok, rule in (
+        ("--steps", steps, whole(steps, 1), "a whole number of fine-tuning steps, at least 1"),
+        ("learning_rate", learning_rate, isinstance(learning_rate, (int, float)) and learning_rate > 0, "a positive number"),
+        ("passkey_trials", passkey_trials, whole(passkey_trials, 0), "a whole number, 0 for no passkey test"),
+        ("eval_documents", eval_documents, whole(eval_documents, 1), "a whole number of documents, at least 1"),
+        ("stride", stride, whole(stride, 1), "a whole number of tokens, at least 1"),
+    ):
+        if not ok:
+            raise ValueError(f"{name} must be {rule}; got {value!r}.")
+
+
 def run_demo(
     out_dir: str | Path = "longlora_demo",
     steps: int = 100,
@@ -122,9 +139,20 @@ def run_demo(
     eval_documents: int = 3,
     stride: int = 512,
     ablations: bool = False,
+    overwrite: bool = False,
 ) -> dict:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """The demo (module docstring). `out_dir` is written by the rule of `longlora_hf.paths`: an earlier demo's
+    directory is replaced as a whole (no new adapter next to an old results.json), one holding files the demo
+    did not write is refused unless `overwrite`, and an interrupted run leaves the earlier directory or none."""
+    check_demo_options(steps, learning_rate, passkey_trials, eval_documents, stride)
+    with output_directory(out_dir, "--out", overwrite=overwrite) as partial:
+        results = _run_demo(partial, steps, learning_rate, passkey_trials, eval_documents, stride, ablations)
+    written = ["results.json"] + (["perplexity.png"] if plots_available() else [])
+    print(f"wrote {', '.join(str(Path(out_dir) / name) for name in written)} and the adapter in {Path(out_dir) / 'adapter'}")
+    return results
+
+
+def _run_demo(out_dir: Path, steps, learning_rate, passkey_trials, eval_documents, stride, ablations) -> dict:
     torch.manual_seed(0)
     base, tokenizer = load_base()
     trained_context = base.config.max_position_embeddings
@@ -169,14 +197,12 @@ def run_demo(
         print("\npasskey accuracy (mean over depths 0, 0.5, 1)")
         print(context_length_table({name: row["passkey"] for name, row in results["rows"].items()}))
     (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    written = [out_dir / "results.json"]
     if plots_available():
-        written.append(plot_perplexity(table, out_dir / "perplexity.png"))
+        plot_perplexity(table, out_dir / "perplexity.png")
     else:
         print(NO_PLOTS)
     longlora, pi_only = table["LongLoRA"][target], table["PI only"][target]
     print(f"\nat {target} tokens: LongLoRA {longlora:.2f} vs PI only {pi_only:.2f} ({pi_only / longlora:.2f}x lower)")
-    print(f"wrote {', '.join(map(str, written))} and the adapter in {out_dir / 'adapter'}")
     return results
 
 

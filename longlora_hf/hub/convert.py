@@ -20,9 +20,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from ..tuner import LongLoraConfig, is_input_embedding, is_normalization
+from ..paths import check_model_source, check_output_directory, check_safetensors, output_directory
+from ..tuner import ADAPTER_PREFIX, LongLoraConfig, check_adapter_weights, is_input_embedding, is_normalization
 
-PREFIX = "base_model.model."
+PREFIX = ADAPTER_PREFIX
 
 # Weights the reference code's transformers (4.34) named otherwise than today's, per base model type: old
 # name prefix -> today's. GPT-NeoX's output head was `embed_out` (the reference trained it: its name contains
@@ -44,6 +45,7 @@ def _load_pickle_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def _load_adapter_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
     if (adapter_dir / "adapter_model.safetensors").is_file():
+        check_safetensors(adapter_dir / "adapter_model.safetensors", "--checkpoint")
         return load_file(adapter_dir / "adapter_model.safetensors")
     if (adapter_dir / "adapter_model.bin").is_file():
         return _load_pickle_state_dict(adapter_dir / "adapter_model.bin")
@@ -97,26 +99,15 @@ def _todays_name(name: str, model_type: str, parameters: dict[str, nn.Parameter]
 
 def _check_lora_against_base(weights: dict[str, torch.Tensor], model: nn.Module, where: str) -> None:
     """Every adapter tensor is a LoRA factor (lora_A/lora_B) of a module of the base, of that module's width."""
-    modules = dict(model.named_modules())
-    for name, tensor in weights.items():
-        module_name, factor, rest = name.removeprefix(PREFIX).rpartition(".")[0].rpartition(".lora_")
+    for name in weights:
+        factor, rest = name.removeprefix(PREFIX).rpartition(".")[0].rpartition(".lora_")[1:]
         if not factor or rest not in ("A", "B"):
             raise ValueError(
                 f"adapter weight {name} is not a LoRA factor (<module>.lora_A/lora_B.weight): the converter carries "
                 "only those (embeddings and norms come from trainable_params.bin) and would drop it. Is this a "
                 "reference LongLoRA checkpoint?"
             )
-        if module_name not in modules:
-            raise ValueError(
-                f"adapter weight {name} belongs to {module_name}, which is not a module of {where}; "
-                "is this checkpoint for another model? Pass --base with the model it was trained from."
-            )
-        module = modules[module_name]
-        if not isinstance(module, nn.Linear):
-            continue
-        wanted = (tensor.shape[0], module.in_features) if rest == "A" else (module.out_features, tensor.shape[1])
-        if tuple(tensor.shape) != wanted:
-            raise ValueError(f"adapter weight {name} has shape {tuple(tensor.shape)}; {module_name} in {where} needs {wanted}.")
+    check_adapter_weights({name: tuple(tensor.shape) for name, tensor in weights.items()}, model, where)
 
 
 def _trained_kind(model: nn.Module, key: str) -> str | None:
@@ -187,7 +178,8 @@ def _map_to_base(
 
 
 def convert_reference_checkpoint(
-    checkpoint: str | Path, out: str | Path, target_context_length: int | None = None, base: str | None = None
+    checkpoint: str | Path, out: str | Path, target_context_length: int | None = None, base: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Convert `checkpoint` (reference layout) into a LongLoRA adapter in `out`.
 
@@ -197,14 +189,31 @@ def convert_reference_checkpoint(
     tells by the module each trainable tensor belongs to whether it is the input embedding or a norm (what
     LoRA+ trains; the reference chose by name, `embed` and `norm`), and says which weights the base ties to a trained one (an output head tied to the input embedding is
     written under its own name too, which PEFT needs to load it). A tensor that is no weight of the base is
-    refused by name, never dropped."""
+    refused by name, never dropped. `out` is written by the rule of `longlora_hf.paths` (never into the
+    checkpoint, files it did not write replaced only with `overwrite`, the earlier `out` or none after an
+    interruption)."""
     checkpoint, out = Path(checkpoint), Path(out)
     config_path = checkpoint / "adapter_config.json"
+    if checkpoint.exists() and not checkpoint.is_dir():
+        raise ValueError(f"--checkpoint {checkpoint} is a file; give the checkpoint's directory (the one holding adapter_config.json).")
+    if not checkpoint.exists():
+        raise FileNotFoundError(f"--checkpoint {checkpoint}: no such directory.")
+    if base is not None:
+        check_model_source(base, "--base", "config")
+    check_output_directory(out, "--out", {"--checkpoint": checkpoint, "--base": base}, overwrite)
     if not config_path.is_file():
         raise FileNotFoundError(f"{checkpoint} has no adapter_config.json: not a reference LongLoRA checkpoint.")
-    reference = json.loads(config_path.read_text())
+    try:
+        reference = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"--checkpoint: {config_path} is not valid JSON ({error}); restore it from the original.") from error
+    if not isinstance(reference, dict):
+        raise ValueError(f"--checkpoint: {config_path} is not a JSON object; restore it from the original.")
     if reference.get("peft_type") != "LORA":
         raise ValueError(f"{config_path} has peft_type {reference.get('peft_type')!r}; the reference layout is a LORA adapter.")
+    missing = [key for key in ("r", "lora_alpha", "target_modules") if key not in reference]
+    if missing:
+        raise ValueError(f"--checkpoint: {config_path} has no {', '.join(missing)}: not a LoRA adapter config. Restore it from the original.")
     trainable_path = checkpoint / "trainable_params.bin"
     if not trainable_path.is_file():
         raise FileNotFoundError(f"{checkpoint} has no trainable_params.bin (the embedding and norm weights).")
@@ -230,7 +239,7 @@ def convert_reference_checkpoint(
         trainable_norms="norms" in kinds,
         ensure_weight_tying=bool(tied_copies),
     )
-    out.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(out)
-    save_file(weights, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    with output_directory(out, "--out", {"--checkpoint": checkpoint, "--base": base}, overwrite) as partial:
+        config.save_pretrained(partial)
+        save_file(weights, partial / "adapter_model.safetensors", metadata={"format": "pt"})
     return out

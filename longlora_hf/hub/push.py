@@ -7,6 +7,7 @@ import tempfile
 from huggingface_hub import HfApi
 
 from ..model_card import write_model_card
+from ..paths import MANIFEST
 from ..tuner import longlora_config_of
 
 
@@ -35,4 +36,5 @@ def upload_folder(folder, repo_id: str, *, private: bool, commit_message: str) -
     """Create `repo_id` if it is missing and upload `folder` to it in one commit; returns the commit URL."""
     api = HfApi()
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message).commit_url
+    # the manifest says what a command wrote in this directory; it means nothing on the Hub
+    return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message, ignore_patterns=[MANIFEST]).commit_url

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..paths import check_input_file
 from .perplexity import BEYOND_CONTEXT, PROTOCOLS
 
 
@@ -20,7 +21,8 @@ def register(subparsers) -> None:
     parser.add_argument("--passkey-depths", type=float, nargs="*", default=[], help="Also run passkey retrieval at these depths (fractions in [0, 1]).")
     parser.add_argument("--passkey-trials", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("eval_results"))
+    parser.add_argument("--out", type=Path, default=Path("eval_results"), help="Directory for results.json and the plots (replaced as a whole when an earlier eval wrote it).")
+    parser.add_argument("--overwrite", action="store_true", help="Replace what eval writes in an --out that holds files it did not write (the others are kept).")
     parser.set_defaults(run=run_eval)
 
 
@@ -28,8 +30,7 @@ def read_texts(path: Path) -> list[str]:
     """Documents from a .txt file (one document), or .json/.jsonl records with a 'text' field."""
     from ..training.formatting import read_records
 
-    if not path.is_file():
-        raise FileNotFoundError(f"--data {path}: no such file.")
+    check_input_file(path, "--data")
     if path.suffix in (".json", ".jsonl"):
         records = read_records(path)
         for index, record in enumerate(records):
@@ -43,10 +44,27 @@ def read_texts(path: Path) -> list[str]:
         raise ValueError(f"--data {path} is not UTF-8 text (byte {error.start}); convert it to UTF-8.") from error
 
 
+def check_adapter_against_config(model: str, adapter: str) -> None:
+    """A local adapter checked against its local model's architecture, built from config.json on the meta device
+    (no weights read), so that an adapter made for another base is refused before any model is evaluated."""
+    if not (Path(model).expanduser().is_dir() and Path(adapter).expanduser().is_dir()):
+        return
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..tuner import check_adapter_fits
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model))
+    check_adapter_fits(skeleton, adapter, "--adapter")
+
+
 def run_eval(args) -> int:
-    from .passkey import check_passkey_options, passkey_retrieval
-    from .perplexity import check_context_lengths, check_perplexity_options, compute_perplexity, load_model_and_tokenizer
-    from .report import NO_PLOTS, context_length_table, plot_passkey, plot_perplexity, plots_available, write_json
+    """Everything is checked before a model is loaded: the options, the models and adapters, --out, the data
+    (read once for every model). --out is written by the rule of `longlora_hf.paths`."""
+    from ..paths import check_model_source, check_output_directory, output_directory
+    from .passkey import check_passkey_options
+    from .perplexity import check_context_lengths, check_perplexity_options
 
     adapters = args.adapter or ["none"] * len(args.model)
     if len(adapters) != len(args.model):
@@ -54,13 +72,31 @@ def run_eval(args) -> int:
             f"Got {len(args.model)} --model and {len(adapters)} --adapter: give one --adapter per --model "
             "(use --adapter none for a model without one), or none at all."
         )
-    # Before any model is loaded: the options, then the data (read once for every model).
     check_perplexity_options(args.protocol, args.stride, args.batch_size, args.beyond_context)
     check_context_lengths(args.lengths)
     if args.passkey_depths:
         check_passkey_options(args.passkey_depths, args.passkey_trials)
-    data = {"token_file": args.data} if args.data.suffix == ".bin" else {"predictions": read_texts(args.data)}
-    args.out.mkdir(parents=True, exist_ok=True)
+    for path, adapter in zip(args.model, adapters):
+        check_model_source(path, "--model", "model")
+        if adapter != "none":
+            check_model_source(adapter, "--adapter", "adapter")
+            check_adapter_against_config(path, adapter)
+    inputs = {"--model": args.model, "--adapter": [a for a in adapters if a != "none"], "--data": args.data}
+    check_output_directory(args.out, "--out", inputs, args.overwrite)
+    data = {"token_file": check_input_file(args.data, "--data")} if args.data.suffix == ".bin" else {"predictions": read_texts(args.data)}
+    with output_directory(args.out, "--out", inputs, args.overwrite) as partial:
+        written = evaluate_models(args, adapters, data, partial)
+    print(written)
+    return 0
+
+
+def evaluate_models(args, adapters: list[str], data: dict, out: Path) -> str:
+    """Evaluate each model (and adapter) of `args`, print the tables, write results.json and the plots in `out`;
+    returns the line that says what was written (under the final --out)."""
+    from .passkey import passkey_retrieval
+    from .perplexity import compute_perplexity, load_model_and_tokenizer
+    from .report import NO_PLOTS, context_length_table, plot_passkey, plot_perplexity, plots_available, write_json
+
     rows, reports = {}, []
     for index, (path, adapter) in enumerate(zip(args.model, adapters)):
         adapter = None if adapter == "none" else adapter
@@ -76,17 +112,15 @@ def run_eval(args) -> int:
             passkey = passkey_retrieval(model, tokenizer, args.lengths, args.passkey_depths, args.passkey_trials, args.seed)
             report["passkey"] = passkey
             if plots_available():
-                plot_passkey(passkey["accuracy"], args.out / f"passkey_{index}.png", title=f"passkey retrieval: {name}")
+                plot_passkey(passkey["accuracy"], out / f"passkey_{index}.png", title=f"passkey retrieval: {name}")
             print(f"passkey accuracy of {name} (rows: depth, columns: context length)")
             for depth in args.passkey_depths:
                 print(f"{depth:>6.2f}" + "".join(f"{passkey['accuracy'][length][depth]:>10.2f}" for length in args.lengths))
         reports.append(report)
     print(f"perplexity ({args.protocol} protocol, stride {args.stride})")
     print(context_length_table(rows))
-    write_json({"models": reports}, args.out / "results.json")
+    write_json({"models": reports}, out / "results.json")
     if plots_available():
-        plot_perplexity(rows, args.out / "perplexity.png")
-        print(f"wrote {args.out / 'results.json'} and PNG plots in {args.out}")
-    else:
-        print(f"wrote {args.out / 'results.json'}; {NO_PLOTS}")
-    return 0
+        plot_perplexity(rows, out / "perplexity.png")
+        return f"wrote {args.out / 'results.json'} and PNG plots in {args.out}"
+    return f"wrote {args.out / 'results.json'}; {NO_PLOTS}"

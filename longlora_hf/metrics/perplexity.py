@@ -42,6 +42,9 @@ def load_model_and_tokenizer(model, tokenizer=None, adapter: str | None = None, 
     if adapter is not None:
         from peft import PeftModel
 
+        from ..tuner import check_adapter_fits
+
+        check_adapter_fits(model, adapter)  # a local adapter made for another base is refused, not half-loaded
         model = PeftModel.from_pretrained(model, str(adapter))
     if device is not None:
         model = model.to(device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from ..paths import check_input_file, check_local_or_hub, check_output_file, output_file
 from .formatting import RECORD_FORMATS, TOO_LONG_POLICIES, format_records, read_records
 
 
@@ -15,21 +16,30 @@ def register(subparsers) -> None:
     parser.add_argument("--tokenizer", help="Tokenizer path or id, to fit records into --max-length.")
     parser.add_argument("--max-length", type=int, help="The training length in tokens (needs --tokenizer).")
     parser.add_argument("--too-long", default="truncate", choices=list(TOO_LONG_POLICIES), help="LongQA materials that do not fit.")
+    parser.add_argument("--overwrite", action="store_true", help="Replace an existing --output file.")
     parser.set_defaults(run=run)
 
 
 def run(args) -> int:
+    """Checks every path and number before reading the records; writes --output through a temporary sibling,
+    so an interrupted run leaves the earlier file or none."""
     tokenizer = None
+    source = check_input_file(args.input, "--input")
+    check_output_file(args.output, "--output", {"--input": source}, args.overwrite)
     if args.max_length is not None:
+        if args.max_length < 1:
+            raise ValueError(f"--max-length must be a positive number of tokens; got {args.max_length}.")
         if args.tokenizer is None:
             raise ValueError("--max-length needs --tokenizer to count tokens.")
+        check_local_or_hub(args.tokenizer, "--tokenizer")
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    examples, counts = format_records(read_records(args.input), args.style, tokenizer, args.max_length, args.too_long)
-    with open(args.output, "w", encoding="utf-8") as f:
-        for example in examples:
-            f.write(json.dumps(example, ensure_ascii=False) + "\n")
+    examples, counts = format_records(read_records(source), args.style, tokenizer, args.max_length, args.too_long)
+    with output_file(args.output, "--output", {"--input": source}, args.overwrite) as partial:
+        with open(partial, "w", encoding="utf-8") as f:
+            for example in examples:
+                f.write(json.dumps(example, ensure_ascii=False) + "\n")
     fitted = (
         f"{counts['truncated']} truncated to fit {args.max_length} tokens, {counts['dropped']} dropped"
         if args.max_length is not None

@@ -115,8 +115,21 @@ def format_longalpaca(
     return {"prompt": prompt, "completion": _field(record, fields.output, index, "LongAlpaca")}
 
 
-def read_records(path: str | Path) -> list[dict]:
-    """Records from a .json (a list) or .jsonl file, with errors that name the file and the line."""
+def _json_lines(text: str, path: Path) -> list:
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} line {number} is not valid JSON: {error.msg} (column {error.colno}).") from error
+    return records
+
+
+def read_records(path: str | Path) -> list:
+    """Records from a .json file (a list, or JSON lines as `datasets` also reads them) or a .jsonl file, with
+    errors that name the file and the line."""
     path = Path(path)
     raw = path.read_bytes()
     try:
@@ -124,24 +137,53 @@ def read_records(path: str | Path) -> list[dict]:
     except UnicodeDecodeError as error:
         raise ValueError(f"{path} is not UTF-8 (byte {error.start} is {raw[error.start]:#x}); convert it to UTF-8.") from error
     if path.suffix == ".jsonl":
-        records = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path} line {number} is not valid JSON: {error.msg} (column {error.colno}).") from error
+        records = _json_lines(text, path)
     else:
         try:
             records = json.loads(text)
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON: {error.msg} (line {error.lineno}, column {error.colno}).") from error
+            if error.msg != "Extra data":
+                raise ValueError(f"{path} is not valid JSON: {error.msg} (line {error.lineno}, column {error.colno}).") from error
+            records = _json_lines(text, path)  # one JSON value per line
         if not isinstance(records, list):
-            raise ValueError(f"{path} must hold a JSON list of records; it holds a {type(records).__name__}.")
+            raise ValueError(f"{path} must hold a JSON list of records (or one record per line); it holds a {type(records).__name__}.")
     if not records:
         raise ValueError(f"{path} holds no records: the dataset is empty.")
     return records
+
+
+def check_training_file(path: str | Path, text_field: str = "text") -> None:
+    """A local data file as TRL's SFT trainer will need it, checked before training: .txt must be non-empty
+    UTF-8; .json/.jsonl must read as records (`read_records`), each a JSON object with the columns TRL's SFT
+    takes: a `text_field` string (language modeling), 'messages' (conversational), 'prompt' and 'completion',
+    or 'input_ids' (already tokenized). Other formats (.csv, .parquet...) are left to `datasets`."""
+    path = Path(path)
+    if path.suffix == ".txt":
+        raw = path.read_bytes()
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{path} is not UTF-8 (byte {error.start} is {raw[error.start]:#x}); convert it to UTF-8.") from error
+        if not raw.strip():
+            raise ValueError(f"{path} is empty: the dataset has no text.")
+        return
+    if path.suffix not in (".json", ".jsonl"):
+        return
+    columns = f"a {text_field!r} string, 'messages', 'prompt' and 'completion', or 'input_ids'"
+    for number, record in enumerate(read_records(path), 1):
+        if not isinstance(record, dict):
+            raise ValueError(f"{path} record {number} is a JSON {type(record).__name__}; TRL's SFT needs JSON objects with {columns}.")
+        if "messages" in record or "input_ids" in record or ("prompt" in record and "completion" in record):
+            continue
+        if text_field in record:
+            if not isinstance(record[text_field], str):
+                raise ValueError(f"{path} record {number}: {text_field!r} is a {type(record[text_field]).__name__}, not a string.")
+            continue
+        fields = ", ".join(sorted(record)[:8]) or "none"
+        raise ValueError(
+            f"{path} record {number} has fields {fields}; TRL's SFT needs {columns}. Rename the field, pass "
+            "--dataset_text_field NAME for the field holding the text, or --record_format for LongQA/LongAlpaca records."
+        )
 
 
 def format_records(

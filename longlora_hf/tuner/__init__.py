@@ -7,7 +7,7 @@ from peft.utils import PeftType, register_peft_method
 
 from .config import PEFT_TYPE, LongLoraConfig, longlora_config_of
 from .export import save_as_plain_lora
-from .model import LongLoraModel, is_input_embedding, is_normalization, prepare_model_for_longlora
+from .model import ADAPTER_PREFIX, LongLoraModel, check_adapter_fits, check_adapter_weights, is_input_embedding, is_normalization, prepare_model_for_longlora
 from ..position_interpolation import (
     PositionInterpolation,
     apply_position_interpolation,
@@ -17,10 +17,13 @@ from ..position_interpolation import (
 )
 
 __all__ = [
+    "ADAPTER_PREFIX",
     "LongLoraConfig",
     "LongLoraModel",
     "PositionInterpolation",
     "apply_position_interpolation",
+    "check_adapter_fits",
+    "check_adapter_weights",
     "context_length",
     "describe_rope",
     "is_input_embedding",

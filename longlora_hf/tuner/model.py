@@ -10,7 +10,7 @@ from peft.tuners.lora import LoraModel
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
-from ..attention import S2_ATTN_IMPLEMENTATION, S2AttentionSettings, check_s2_compatible, use_s2_attention
+from ..attention import S2_ATTN_IMPLEMENTATION, S2AttentionSettings, check_group_size, check_s2_compatible, use_s2_attention
 from .config import S2_SETTINGS_FIELDS, LongLoraConfig
 from ..position_interpolation import (
     describe_rope,
@@ -147,6 +147,9 @@ def prepare_model_for_longlora(model: nn.Module, config: LongLoraConfig) -> None
     train_s2 = config.use_s2_attn and not config.inference_mode
     if train_s2:
         check_s2_compatible(model)  # before anything changes the model
+        if config.target_context_length is not None:  # the length it trains for: groups under 2 tokens refused now
+            settings = config.s2_attention_settings()
+            check_group_size(config.target_context_length, settings.group_size_for(config.target_context_length), settings)
     if config.target_modules is None:
         config.target_modules = set(attention_projection_names(model))
     trainable = lora_plus_module_names(model, config.trainable_embeddings, config.trainable_norms)
@@ -193,3 +196,80 @@ def extend_positions(model: nn.Module, config: LongLoraConfig) -> None:
         config.rope_parameters = plan.rope_parameters
     if plan.changes_the_model or config.rope_parameters != plan.original_rope_parameters:
         set_rope_parameters(model, config.rope_parameters, plan.max_position_embeddings)
+
+
+ADAPTER_PREFIX = "base_model.model."  # how PEFT names a saved adapter's tensors: prefix + the base's own name
+
+
+def check_adapter_weights(shapes: dict[str, tuple[int, ...]], model: nn.Module, where: str) -> None:
+    """Refuse adapter tensors (name -> shape, as saved) that do not fit `model` (a base model, not wrapped):
+    a LoRA factor (`<module>.lora_A/lora_B...`) of a module the base does not have, or of another width; any
+    other tensor (a LoRA+ embedding or norm) that is not a weight of the base, or has another shape.
+    `where` names the base in the messages."""
+    modules = dict(model.named_modules())
+    parameters = dict(model.named_parameters(remove_duplicate=False))
+    for name, shape in shapes.items():
+        key = name.removeprefix(ADAPTER_PREFIX)
+        module_name, lora, rest = key.partition(".lora_")
+        if lora:
+            if module_name not in modules:
+                raise ValueError(
+                    f"adapter weight {name} belongs to {module_name}, which is not a module of {where}: the adapter "
+                    "was made for another model (more layers, or other module names). Use the base it was trained on."
+                )
+            module, factor = modules[module_name], rest.partition(".")[0]
+            if isinstance(module, nn.Linear) and factor in ("A", "B"):
+                wanted = (shape[0], module.in_features) if factor == "A" else (module.out_features, shape[1])
+                if tuple(shape) != wanted:
+                    raise ValueError(
+                        f"adapter weight {name} has shape {tuple(shape)}; {module_name} in {where} needs {wanted}: "
+                        "the adapter was made for a model of another width. Use the base it was trained on."
+                    )
+            continue
+        if key not in parameters:
+            raise ValueError(
+                f"adapter weight {name} is not a weight of {where}: the adapter was made for another model. "
+                "Use the base it was trained on."
+            )
+        if tuple(parameters[key].shape) != tuple(shape):
+            raise ValueError(
+                f"adapter weight {name} has shape {tuple(shape)}; {where} has {tuple(parameters[key].shape)}: the "
+                "adapter was made for another model. Use the base it was trained on."
+            )
+
+
+def check_adapter_fits(model: nn.Module, adapter: str | Path, flag: str = "--adapter") -> None:
+    """Before loading the local adapter directory `adapter` on `model` (a base, not wrapped): every tensor it
+    saved fits the base (`check_adapter_weights`), and every linear layer of the base its config targets has
+    LoRA weights in it (else the adapter was made for a model with fewer layers: PEFT would load it and leave
+    those layers untrained, silently). A Hub id is left to PEFT. Reads the config and the safetensors header."""
+    from peft import PeftConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from safetensors import safe_open
+
+    path = Path(adapter).expanduser()
+    weights = path / "adapter_model.safetensors"
+    if isinstance(model, PeftModel) or not weights.is_file():
+        return
+    with safe_open(str(weights), framework="pt") as handle:
+        shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    where = f"the base model ({type(model).__name__}, {getattr(model.config, 'name_or_path', '') or 'given'})"
+    try:
+        check_adapter_weights(shapes, model, where)
+        config = PeftConfig.from_pretrained(str(path))
+        if getattr(config, "target_parameters", None):
+            return
+        saved = {name.removeprefix(ADAPTER_PREFIX).partition(".lora_")[0] for name in shapes if ".lora_" in name}
+        targeted = [
+            name for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and check_target_module_exists(config, name)
+        ]
+        missing = [name for name in targeted if name not in saved]
+        if saved and missing:
+            raise ValueError(
+                f"the adapter has no LoRA weights for {len(missing)} of the {len(targeted)} linear layers of {where} that its "
+                f"target_modules name (first: {missing[0]}): it was made for a model with fewer layers. Use the base "
+                "it was trained on."
+            )
+    except ValueError as error:
+        raise ValueError(f"{flag} {adapter}: {error}") from None

@@ -1,0 +1,354 @@
+"""What the commands read and write, checked before any work: local models, adapters and data, and the
+directories and files a command writes.
+
+Every command that writes follows one rule. It never writes into its own inputs (an output that is,
+holds or sits inside an input is refused, whatever the flags). It never replaces files it did not write
+unless asked with `--overwrite`: a directory it wrote records what it wrote in `MANIFEST`, and anything
+else found there is someone else's. It writes into a temporary sibling and renames that into place at
+the end, so an interrupted run leaves the earlier result or none, never a mix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+MANIFEST = ".longlora-hf-output.json"  # in a directory a command wrote: the names it wrote there
+PARTIAL = ".longlora-hf-partial"  # suffix of the temporary sibling a command writes into
+
+# What a local model or adapter directory must hold, by kind.
+# "config": a model whose weights this command does not require (it reads only the config, or its loader
+# also takes PyTorch .bin weights); any .safetensors file present is still checked.
+DIRECTORY_CONFIG = {"model": "config.json", "adapter": "adapter_config.json", "config": "config.json"}
+CONFIG_KEY = {"model": "model_type", "adapter": "peft_type", "config": "model_type"}
+
+
+def _looks_like_a_path(value: str) -> bool:
+    """True when `value` cannot be a Hub repo id ('name' or 'owner/name'): it is written as a path."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if value.startswith(("/", "./", "../", "~", ".\\")) or value in (".", "..") or "\\" in value:
+        return True
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        return True
+    return False
+
+
+def check_local_or_hub(value: str | os.PathLike, flag: str) -> bool:
+    """True when `value` exists here; False when it does not but can be a Hub repo id (left to the Hub); a
+    missing local path (one that cannot be a repo id: '/data/model', './model', 'a/b/c') is refused."""
+    text = os.fspath(value)
+    if Path(text).expanduser().exists():
+        return True
+    if _looks_like_a_path(text):
+        raise FileNotFoundError(f"{flag} {text}: no such directory (nor a Hub repo id, which is 'name' or 'owner/name').")
+    return False
+
+
+def check_safetensors(path: Path, flag: str) -> None:
+    """Refuse a .safetensors file whose header cannot be read or does not cover the file (truncated, or not
+    safetensors at all). Reads the header only."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            handle.keys()
+    except (SafetensorError, OSError) as error:
+        raise ValueError(
+            f"{flag}: {path} is not a readable safetensors file ({error}); it may be truncated (an interrupted "
+            "download or copy): fetch or save it again."
+        ) from error
+
+
+def _read_json_config(path: Path, flag: str, key: str) -> dict:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{flag}: {path} is not valid JSON ({error}); restore it from the original.") from error
+    if not isinstance(config, dict) or not isinstance(config.get(key), str):
+        raise ValueError(f"{flag}: {path} has no {key!r} string; it is not a transformers/PEFT config. Restore it from the original.")
+    return config
+
+
+def check_model_source(value: str | os.PathLike, flag: str, kind: str = "model") -> None:
+    """Check a `kind` ("model", "adapter", or "config": a model whose weights are not required) given as a local directory or a Hub repo id, before loading it.
+
+    A local directory must hold its config (config.json or adapter_config.json) as valid JSON, and
+    safetensors weights whose headers read (a model: at least one .safetensors file; an adapter:
+    adapter_model.safetensors, or PEFT's adapter_model.bin). A value that does not exist here and cannot be a
+    Hub repo id is a missing directory. A Hub id is left to the Hub."""
+    text = os.fspath(value)
+    path = Path(text).expanduser()
+    needed = DIRECTORY_CONFIG[kind]
+    if not check_local_or_hub(text, flag):
+        return
+    if not path.is_dir():
+        raise ValueError(f"{flag} {text} is a file; give the {kind}'s directory (the one holding {needed}).")
+    config = path / needed
+    if not config.is_file():
+        raise ValueError(f"{flag} {text} has no {needed}: it is not a {kind} directory (saved with save_pretrained).")
+    _read_json_config(config, flag, CONFIG_KEY[kind])
+    if kind == "model":
+        weights = sorted(path.glob("*.safetensors"))
+        if not weights:
+            raise ValueError(
+                f"{flag} {text} holds no .safetensors weights; longlora-hf loads safetensors only (save the model "
+                "with save_pretrained(..., safe_serialization=True))."
+            )
+    elif kind == "adapter":
+        weights = [path / "adapter_model.safetensors"] if (path / "adapter_model.safetensors").is_file() else []
+        if not weights and not (path / "adapter_model.bin").is_file():
+            raise ValueError(f"{flag} {text} has no adapter_model.safetensors (or adapter_model.bin): the adapter's weights are missing.")
+    else:
+        weights = sorted(path.glob("*.safetensors"))
+    for file in weights:
+        check_safetensors(file, flag)
+
+
+def check_input_file(value: str | os.PathLike, flag: str) -> Path:
+    """A file to read: it exists and is a file."""
+    path = Path(value).expanduser()
+    if path.is_dir():
+        raise ValueError(f"{flag} {value} is a directory; give a file.")
+    if not path.is_file():
+        raise FileNotFoundError(f"{flag} {value}: no such file.")
+    return path
+
+
+def check_writable_parent(path: Path, flag: str) -> None:
+    """Refuse an output whose directory cannot be created or written (a file in the way, no permission)."""
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{flag} {path}: {parent} is a file, so {path} cannot be created; choose another path.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(
+            f"{flag} {path}: cannot write in {parent} (permission denied); the output is written next to its final "
+            "place and renamed into it, so that directory must be writable. Choose a writable place."
+        )
+
+
+def check_not_an_input(output: Path, inputs: Mapping[str, object], flag: str) -> None:
+    """Refuse an output that is, holds, or lies inside one of the local `inputs` ({flag: path or paths})."""
+    cwd = Path.cwd().resolve()
+    if output == cwd or output in cwd.parents:
+        raise ValueError(f"{flag} {output} is the current directory or holds it; choose a directory of its own.")
+    for input_flag, values in inputs.items():
+        for value in values if isinstance(values, (list, tuple)) else [values]:
+            if value is None:
+                continue
+            source = Path(os.fspath(value)).expanduser()
+            if not source.exists():
+                continue
+            source = source.resolve()
+            if output == source or output in source.parents or source in output.parents:
+                relation = "is" if output == source else ("lies inside" if source in output.parents else "holds")
+                raise ValueError(
+                    f"{flag} {output} {relation} the {input_flag} {source}: a command never writes into its own "
+                    f"inputs. Choose another {flag}."
+                )
+
+
+def _fingerprint(path: Path) -> list[int] | None:
+    """(size, modification time) of a file, None for a directory: what tells a file edited since it was written."""
+    if path.is_dir():
+        return None
+    status = path.stat()
+    return [status.st_size, status.st_mtime_ns]
+
+
+def _written_before(directory: Path) -> set[str]:
+    """The names a command recorded writing in `directory` and that are still as it wrote them (a file edited
+    since, such as a README someone rewrote, is someone else's now). Empty without a readable manifest."""
+    try:
+        written = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))["written"]
+        ours = {name for name, print_ in written.items() if (directory / name).exists() and _fingerprint(directory / name) == print_}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
+    return ours | {MANIFEST}
+
+
+def _foreign(directory: Path) -> list[str]:
+    """The entries of an existing `directory` that no longlora-hf command recorded writing (leftover partial
+    siblings are not in it: they sit next to it)."""
+    if not directory.is_dir():
+        return []
+    ours = _written_before(directory)
+    return sorted(name for name in os.listdir(directory) if name not in ours)
+
+
+def check_output_directory(value: str | os.PathLike, flag: str, inputs: Mapping[str, object] = {}, overwrite: bool = False) -> Path:
+    """Check a directory a command is about to write, before any work; return it resolved. See the module's
+    rule. `inputs`: {flag: local path or list of them} the command reads."""
+    output = Path(value).expanduser().resolve()
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"{flag} {value} is a file; give a directory (it is created if missing).")
+    check_not_an_input(output, inputs, flag)
+    check_writable_parent(output, flag)
+    if output.exists() and not os.access(output, os.W_OK | os.X_OK):
+        raise PermissionError(f"{flag} {value}: cannot write in it (permission denied); choose a writable directory.")
+    foreign = _foreign(output)
+    if foreign and not overwrite:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise FileExistsError(
+            f"{flag} {value} holds files longlora-hf did not write ({shown}). Choose another {flag}, or pass "
+            "--overwrite to replace what this command writes there (the other files are kept)."
+        )
+    return output
+
+
+def _carry(source: Path, target: Path) -> None:
+    """Put `source` (a file or a directory) at `target`, hard-linked where possible, else copied."""
+    def link_or_copy(src, dst):
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+    if source.is_dir() and not source.is_symlink():
+        shutil.copytree(source, target, symlinks=True, copy_function=link_or_copy)
+    elif source.is_symlink():
+        os.symlink(os.readlink(source), target)
+    else:
+        link_or_copy(source, target)
+
+
+def _mode_for(output: Path, default: int) -> int:
+    """The permission bits for what replaces `output`: its own when it exists, else `default` less the umask."""
+    if output.exists():
+        return output.stat().st_mode & 0o7777
+    umask = os.umask(0)
+    os.umask(umask)
+    return default & ~umask
+
+
+@contextmanager
+def output_directory(value: str | os.PathLike, flag: str, inputs: Mapping[str, object] = {}, overwrite: bool = False) -> Iterator[Path]:
+    """Write a directory the safe way: check it (`check_output_directory`), yield an empty temporary sibling to
+    write into, and on success record what was written (`MANIFEST`) and rename the sibling into place. On an
+    error or an interruption the sibling is removed and `value` is left as it was. With `overwrite`, files of
+    the earlier directory that this run did not write again are carried over; without it there are none
+    (earlier files are this command's own, and are replaced as a whole)."""
+    output = check_output_directory(value, flag, inputs, overwrite)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=PARTIAL, dir=output.parent))
+    partial.chmod(_mode_for(output, 0o777))  # mkdtemp makes it private
+    previous = None
+    try:
+        yield partial
+        written = sorted(os.listdir(partial))
+        record = {"written": {name: _fingerprint(partial / name) for name in written}}
+        (partial / MANIFEST).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+        if output.exists():
+            foreign = _foreign(output)
+            if foreign and not overwrite:  # someone wrote there while this command ran
+                raise FileExistsError(
+                    f"{flag} {value}: files appeared there during the run ({', '.join(foreign[:5])}); nothing was "
+                    "replaced. Choose another directory, or pass --overwrite."
+                )
+            for name in foreign:
+                if name not in written:
+                    _carry(output / name, partial / name)
+            previous = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".longlora-hf-previous", dir=output.parent))
+            previous.rmdir()
+            os.rename(output, previous)
+            os.rename(partial, output)
+            shutil.rmtree(previous, ignore_errors=True)
+        else:
+            os.rename(partial, output)
+    except BaseException:
+        if previous is not None and previous.exists() and not output.exists():
+            os.rename(previous, output)  # interrupted between the two renames: the earlier result goes back
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+def check_output_file(value: str | os.PathLike, flag: str, inputs: Mapping[str, object] = {}, overwrite: bool = False) -> Path:
+    """Check a file a command is about to write: not one of its inputs, not a directory, in a writable place, and
+    not an existing file unless `overwrite`."""
+    output = Path(value).expanduser().resolve()
+    if output.is_dir():
+        raise ValueError(f"{flag} {value} is a directory; give a file name.")
+    check_not_an_input(output, inputs, flag)
+    check_writable_parent(output, flag)
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"{flag} {value} exists. Choose another {flag}, or pass --overwrite to replace it.")
+    return output
+
+
+@contextmanager
+def output_file(value: str | os.PathLike, flag: str, inputs: Mapping[str, object] = {}, overwrite: bool = False) -> Iterator[Path]:
+    """Write a file the safe way: check it (`check_output_file`), yield a temporary sibling path, and on success
+    rename it into place; on an error or an interruption the sibling is removed and `value` is left as it was."""
+    output = check_output_file(value, flag, inputs, overwrite)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=PARTIAL, dir=output.parent)
+    os.close(handle)
+    partial = Path(name)
+    partial.chmod(_mode_for(output, 0o666))
+    try:
+        yield partial
+        if overwrite:
+            os.replace(partial, output)
+        else:
+            try:
+                os.link(partial, output)  # fails if a file appeared there meanwhile: never replaced unasked
+            except FileExistsError:
+                raise FileExistsError(f"{flag} {value} appeared during the run; nothing was replaced. Pass --overwrite, or choose another {flag}.") from None
+            partial.unlink()
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def claimed_directory(value: str | os.PathLike, flag: str) -> Iterator[None]:
+    """Hold an exclusive claim on the output directory `value` while a run writes it; a second run that asks
+    for it meanwhile is refused, naming the directory. The claim is an advisory lock (`flock`) on a file next
+    to the directory (`.<name>.longlora-hf.lock`, removed at the end, and not inside: nothing foreign lands
+    in the output or goes to the Hub with it); the system drops it when the process dies, so a killed run
+    never leaves a stale claim. Local file systems and NFS with lock support."""
+    import fcntl
+
+    directory = Path(value).expanduser().resolve()
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    lock = directory.parent / f".{directory.name}.longlora-hf.lock"
+    for _ in range(5):
+        handle = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(handle, 200, 0).decode("utf-8", "replace").strip() or "unknown"
+            os.close(handle)
+            raise FileExistsError(
+                f"{flag} {value}: another run is writing to it ({holder}). Wait for it to end, or choose another {flag}."
+            ) from None
+        except OSError as error:  # a file system without locks (Lustre without -o flock, some NFS)
+            os.close(handle)
+            lock.unlink(missing_ok=True)
+            warnings.warn(f"{flag} {value}: cannot lock {lock} ({error}); two runs into it at once would not be refused.", stacklevel=3)
+            yield
+            return
+        if lock.exists() and os.stat(lock).st_ino == os.fstat(handle).st_ino:
+            break
+        os.close(handle)  # the previous holder removed the file between our open and our lock: try again
+    else:
+        raise FileExistsError(f"{flag} {value}: could not claim it ({lock} keeps changing). Choose another {flag}.")
+    try:
+        os.ftruncate(handle, 0)
+        os.pwrite(handle, f"process {os.getpid()} on {os.uname().nodename}".encode(), 0)
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)  # while still holding it, so no one else holds a removed file
+    finally:
+        os.close(handle)
