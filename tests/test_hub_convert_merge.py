@@ -98,6 +98,16 @@ def test_a_converted_reference_checkpoint_gives_the_reference_logits(tmp_path):
     torch.testing.assert_close(converted(ids()).logits, expected, atol=1e-5, rtol=0)
 
 
+def test_convert_reference_never_writes_into_the_checkpoint_or_the_base(tmp_path, capsys):
+    """Before, `--out` = the checkpoint replaced its adapter_config.json with the converted one."""
+    base_dir, checkpoint, _ = write_reference_checkpoint(tmp_path)
+    before = {p.name: p.read_bytes() for p in [*checkpoint.iterdir(), *base_dir.iterdir()]}
+    for out, extra in ((checkpoint, []), (checkpoint / "converted", []), (base_dir, ["--base", base_dir]), (checkpoint, ["--overwrite"])):
+        assert convert(checkpoint, out, *extra) == 2
+        assert "never writes into its own inputs" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in [*checkpoint.iterdir(), *base_dir.iterdir()]} == before
+
+
 def test_files_that_are_not_what_they_claim_are_refused(tmp_path, capsys):
     _, checkpoint, _ = write_reference_checkpoint(tmp_path)
     (checkpoint / "trainable_params.bin").write_bytes(b"not a checkpoint")

@@ -320,8 +320,9 @@ def test_merge_never_writes_over_the_base_or_the_adapter(models, tmp_path, capsy
     shutil.copytree(models["adapter"], adapter)
     before = {"base": snapshot(base), "adapter": snapshot(adapter)}
     for out in (base, adapter, base / "merged"):
-        error = refused(["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(out), "--overwrite"], capsys)
-        assert "never writes into its own inputs" in error
+        for overwrite in ([], ["--overwrite"]):
+            error = refused(["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(out), *overwrite], capsys)
+            assert "never writes into its own inputs" in error
     assert {"base": snapshot(base), "adapter": snapshot(adapter)} == before
 
 
@@ -339,20 +340,12 @@ def test_merge_keeps_a_hand_written_readme_unless_told_to_overwrite_it(models, t
     assert cli_main(again) == 0 and cli_main(again) == 0  # its own earlier output is replaced without asking
 
 
-def test_convert_reference_never_writes_into_the_checkpoint(tmp_path, capsys):
-    checkpoint = tmp_path / "checkpoint"
-    checkpoint.mkdir()
-    (checkpoint / "adapter_config.json").write_text("{}")
-    error = refused(["convert-reference", "--checkpoint", str(checkpoint), "--out", str(checkpoint), "--overwrite"], capsys)
-    assert "--out" in error and "is the --checkpoint" in error
-    assert [p.name for p in checkpoint.iterdir()] == ["adapter_config.json"]
-
-
 def test_format_never_writes_over_its_input_or_an_existing_file(tmp_path, capsys):
     records = tmp_path / "records.jsonl"
     records.write_text(json.dumps({"instruction": "q", "output": "a"}) + "\n")
-    error = refused(["format", "--style", "longalpaca", "--input", str(records), "--output", str(records), "--overwrite"], capsys)
-    assert "is the --input" in error and records.read_text().startswith('{"instruction"')
+    for overwrite in ([], ["--overwrite"]):
+        error = refused(["format", "--style", "longalpaca", "--input", str(records), "--output", str(records), *overwrite], capsys)
+        assert "is the --input" in error and records.read_text().startswith('{"instruction"')
     (tmp_path / "out.jsonl").write_text("mine")
     assert "--overwrite" in refused(["format", "--style", "longalpaca", "--input", str(records), "--output", str(tmp_path / "out.jsonl")], capsys)
     assert (tmp_path / "out.jsonl").read_text() == "mine"
@@ -364,8 +357,9 @@ def test_eval_never_writes_into_the_model_and_refuses_a_directory_for_data(model
     model = tmp_path / "model"
     shutil.copytree(models["base"], model)
     before = snapshot(model)
-    (tmp_path / "data.txt").write_text("words " * 100)
-    error = refused(["eval", "--model", str(model), "--data", str(tmp_path / "data.txt"), "--lengths", "32", "--out", str(model / "eval")], capsys)
+    (tmp_path / "data.txt").write_text("words " * 2000)
+    error = refused(["eval", "--model", str(model), "--data", str(tmp_path / "data.txt"), "--lengths", "32", "--stride", "16",
+                     "--out", str(model / "eval")], capsys)
     assert "lies inside the --model" in error and snapshot(model) == before
     error = refused(["eval", "--model", str(model), "--data", str(tmp_path), "--lengths", "32"], capsys)
     assert f"--data {tmp_path} is a directory; give a file" in error
