@@ -155,19 +155,25 @@ def _local(value) -> Path | None:
     return path if path.exists() else None
 
 
-def local_data_paths(script_args, dataset_args) -> list[Path]:
-    """The local files and directories the data comes from: a `datasets:` mixture's `path` and `data_files`, or
-    `--dataset_name` when it names a local directory or file."""
+def _sources(script_args, dataset_args, with_paths_beside_files: bool) -> list[Path]:
+    """The local sources of the data: each mixture entry's `data_files`, and its `path` (always, or only when it
+    has no `data_files`); `--dataset_name` without a mixture. Those that exist here, each once."""
     found = []
     for dataset in dataset_args.datasets or []:
         files = dataset.data_files
-        files = files.values() if isinstance(files, dict) else [files]
-        for group in files:
-            found.extend(_local(path) for path in ([group] if isinstance(group, (str, os.PathLike)) else (group or [])))
-        found.append(_local(dataset.path))
+        for group in files.values() if isinstance(files, dict) else [files]:
+            found.extend(_local(p) for p in ([group] if isinstance(group, (str, os.PathLike)) else (group or [])))
+        if with_paths_beside_files or not files:
+            found.append(_local(dataset.path))
     if not dataset_args.datasets:
         found.append(_local(script_args.dataset_name))
     return [path for path in dict.fromkeys(found) if path is not None]
+
+
+def local_data_paths(script_args, dataset_args) -> list[Path]:
+    """The local files and directories the data comes from (what an output must stay out of): a `datasets:`
+    mixture's `path` and `data_files`, or `--dataset_name` when it names a local directory or file."""
+    return _sources(script_args, dataset_args, with_paths_beside_files=True)
 
 
 # Files `datasets` keeps beside the data in a dataset directory, not data itself.
@@ -177,18 +183,8 @@ DATASET_METADATA = {"dataset_info.json", "dataset_infos.json", "dataset_dict.jso
 def local_data_files(script_args, dataset_args) -> list[Path]:
     """The local .json/.jsonl/.txt data files: a mixture's `data_files` where given, else the files of a local
     directory (`path`, `--dataset_name`), searched as `datasets` does, without hidden and metadata files."""
-    given = []
-    for dataset in dataset_args.datasets or []:
-        files = dataset.data_files
-        files = files.values() if isinstance(files, dict) else [files]
-        for group in files:
-            given.extend(_local(p) for p in ([group] if isinstance(group, (str, os.PathLike)) else (group or [])))
-        if not dataset.data_files and _local(dataset.path) is not None:
-            given.append(_local(dataset.path))
-    if not dataset_args.datasets:
-        given.append(_local(script_args.dataset_name))
     files = []
-    for path in dict.fromkeys(p for p in given if p is not None):
+    for path in _sources(script_args, dataset_args, with_paths_beside_files=False):
         candidates = sorted(path.rglob("*")) if path.is_dir() else [path]
         files.extend(
             p for p in candidates

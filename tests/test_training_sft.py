@@ -523,3 +523,23 @@ def test_resuming_with_no_complete_checkpoint_explains_the_fix(tmp_path, monkeyp
     (out / "checkpoint-1").mkdir(parents=True)
     error = refused(["sft", "--config", RECIPE, "--output_dir", str(out), "--max_steps", "2", "--resume_from_checkpoint", "true"], capsys)
     assert f"no complete checkpoint in --output_dir {out}; checkpoint-1: no trainer_state.json" in error
+
+
+def test_a_local_dataset_directory_is_checked_file_by_file_but_not_its_metadata(tmp_path, monkeypatch, capsys):
+    import yaml
+
+    monkeypatch.chdir(ROOT)
+    data = tmp_path / "data"
+    data.mkdir()
+    text = json.loads((ROOT / "trainer_configs" / "data" / "tiny_text.jsonl").read_text().splitlines()[0])["text"]
+    (data / "train.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    (data / "dataset_infos.json").write_text('{"default": {"description": "not records"}}')
+    (data / "more.jsonl").write_text('{"body": "no text field"}\n')
+    recipe = yaml.safe_load((ROOT / RECIPE).read_text())
+    del recipe["datasets"]
+    recipe.update(dataset_name=str(data), output_dir=str(tmp_path / "out"))
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    args = ["sft", "--config", str(tmp_path / "recipe.yaml"), "--max_steps", "1", "--disable_tqdm", "true"]
+    assert f"{data / 'more.jsonl'} record 1 has fields body" in refused(args, capsys)
+    (data / "more.jsonl").unlink()
+    assert cli_main(args) == 0  # dataset_infos.json is datasets' metadata, not a file of records
