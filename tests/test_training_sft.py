@@ -411,7 +411,8 @@ def plain_recipe(tmp_path: Path, content: bytes, suffix: str = ".jsonl") -> str:
     data = tmp_path / f"data{suffix}"
     data.write_bytes(content)
     recipe = yaml.safe_load((ROOT / RECIPE).read_text())
-    recipe.update(datasets=[{"path": "json", "data_files": str(data)}], output_dir=str(tmp_path / "out"))
+    builder = "text" if suffix == ".txt" else "json"
+    recipe.update(datasets=[{"path": builder, "data_files": str(data)}], output_dir=str(tmp_path / "out"))
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     return str(tmp_path / "recipe.yaml")
 
@@ -426,8 +427,11 @@ def plain_recipe(tmp_path: Path, content: bytes, suffix: str = ".jsonl") -> str:
         (b'{"text": "a"}\n{"text": \n', ".jsonl", "data.jsonl line 2 is not valid JSON"),
         (b'[{"text": "a"}, ', ".json", "data.json is not valid JSON"),
         (b'{"text": 5}\n', ".jsonl", "data.jsonl record 1: 'text' is a int, not a string"),
+        (b"\n  \n", ".txt", "data.txt is empty: the dataset has no text"),
+        (b"caf\xe9 au lait", ".txt", "data.txt is not UTF-8 (byte 3 is 0xe9)"),
     ],
-    ids=["empty", "no-text-field", "field-missing-later", "not-utf8", "malformed-jsonl", "malformed-json", "text-not-a-string"],
+    ids=["empty", "no-text-field", "field-missing-later", "not-utf8", "malformed-jsonl", "malformed-json", "text-not-a-string",
+         "empty-txt", "not-utf8-txt"],
 )
 def test_plain_text_data_is_checked_before_training_with_the_file_and_record_named(tmp_path, monkeypatch, capsys, content, suffix, message):
     monkeypatch.chdir(ROOT)
