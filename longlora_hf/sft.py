@@ -340,8 +340,11 @@ def claimed_output_dir(training_args):
 
 
 def check_arguments(script_args, training_args, model_args, dataset_args, longlora_args) -> None:
-    """What can be checked before anything is written: the flags and numbers, the model path, where the
-    output_dir is."""
+    """What can be checked before anything is written: the launch (what it asked for is what runs), the flags
+    and numbers, the model path, where the output_dir is."""
+    from .training.launch import check_launch
+
+    check_launch()
     check_longlora_arguments(longlora_args)
     check_numbers(training_args, model_args)
     if longlora_args.longlora:

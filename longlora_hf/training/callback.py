@@ -13,6 +13,7 @@ from transformers import TrainerCallback
 from ..attention import S2_ATTN_IMPLEMENTATION, S2AttentionSettings
 from ..tuner import is_input_embedding, is_normalization, longlora_config_of
 from ..position_interpolation import context_length, describe_rope, rope_parameters_of
+from .launch import DistributedSetup, check_launch
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ class LongLoraReport:
     position_interpolation_factor: float
     rope: str
     trainable: dict[str, int] = field(default_factory=dict)
+    distributed: DistributedSetup | None = None
 
     def __str__(self) -> str:
         attention = "S2-Attn off (dense attention)"
@@ -38,6 +40,7 @@ class LongLoraReport:
         return (
             f"LongLoRA: {attention}; context {self.context_length} tokens (extended x"
             f"{self.position_interpolation_factor:g}, RoPE {self.rope}); trainable parameters: {counts}"
+            + (f"; launch: {self.distributed}" if self.distributed is not None else "")
         )
 
 
@@ -68,7 +71,8 @@ def _trainable_by_kind(model: nn.Module) -> dict[str, int]:
 class LongLoraCallback(TrainerCallback):
     """Add to any `Trainer`/`SFTTrainer`: at train start it checks that the LongLoRA set-up can work and logs
     what it found (S2 on or off, group size and number of groups at `max_length`, the position
-    interpolation factor, trainable parameter counts), once, on the main process. Evaluation inside
+    interpolation factor, trainable parameter counts, the distributed set-up that runs), once, on the main
+    process. A launch that does not run what it asked for (`launch.check_launch`) stops here. Evaluation inside
     training runs dense attention on its own ("s2" is dense in eval mode).
 
     require_s2: stop with an error when the model does not run S2-Attn (default: required when the
@@ -84,6 +88,7 @@ class LongLoraCallback(TrainerCallback):
         self._said_card = False
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        distributed = check_launch()  # what the launch asked for is what runs, or stop before training
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         config = base.config.get_text_config()
         peft_configs = getattr(model, "peft_config", {}) or {}
@@ -114,7 +119,9 @@ class LongLoraCallback(TrainerCallback):
         longlora = longlora_config_of(model)
         factor = (longlora.position_interpolation_factor if longlora else None) or 1.0
         rope = describe_rope(rope_parameters_of(config))
-        self.report = LongLoraReport(runs_s2, max_length, group_size, groups, context, factor, rope, _trainable_by_kind(model))
+        self.report = LongLoraReport(
+            runs_s2, max_length, group_size, groups, context, factor, rope, _trainable_by_kind(model), distributed
+        )
         if state.is_world_process_zero:
             logger.warning(str(self.report))
 
