@@ -246,12 +246,13 @@ def test_an_unknown_record_field_role_is_refused(monkeypatch, capsys):
 LAUNCHES = {
     "cpu_deepspeed_zero2": "launch: DEEPSPEED, 2 processes (this is rank 0), data-parallel 2, ZeRO stage 2",
     "cpu_deepspeed_zero3": "launch: DEEPSPEED, 2 processes (this is rank 0), data-parallel 2, ZeRO stage 3",
+    "cpu_deepspeed_zero3_offload": "launch: DEEPSPEED, 2 processes (this is rank 0), data-parallel 2, ZeRO stage 3 (offload: optimizer cpu, parameters cpu)",
     "cpu_ddp": "launch: MULTI_CPU, 2 processes (this is rank 0), data-parallel 2",
 }
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("launcher", list(LAUNCHES))
+@pytest.mark.parametrize("launcher", [launcher for launcher in LAUNCHES if launcher != "cpu_deepspeed_zero3_offload"])
 def test_accelerate_launch_with_two_processes_trains_and_saves_a_loadable_adapter(launcher, tmp_path):
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"tests/configs/{launcher}.yaml",
@@ -262,7 +263,9 @@ def test_accelerate_launch_with_two_processes_trains_and_saves_a_loadable_adapte
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stderr.count("LongLoRA: S2-Attn on") + result.stdout.count("LongLoRA: S2-Attn on") == 1  # main process only
-    assert LAUNCHES[launcher] in result.stderr + result.stdout  # the report says what ran
+    output = result.stderr + result.stdout
+    assert LAUNCHES[launcher] in output  # the report says what ran
+    assert re.search(r"trainable parameters: LoRA 57,344, embeddings 1,048,576, norms 2,304", output), output[-2000:]  # whole sizes, also under ZeRO-3
     model = AutoPeftModelForCausalLM.from_pretrained(tmp_path)
     ids = torch.randint(0, 4096, (1, 64), generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(model(ids).logits).all()
@@ -332,6 +335,9 @@ def test_zero3_checkpoint_and_adapter_match_a_single_process_run(tmp_path):
     steps = ["--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2", "--learning_rate", "2e-3"]
     run(["-m", "accelerate.commands.launch", "--config_file", "tests/configs/cpu_deepspeed_zero3.yaml",
          *sft_command(data, tmp_path / "zero3", [*steps, "--per_device_train_batch_size", "1"])])
+    offloaded = run(["-m", "accelerate.commands.launch", "--config_file", "tests/configs/cpu_deepspeed_zero3_offload.yaml",
+                     *sft_command(data, tmp_path / "offload", [*steps, "--per_device_train_batch_size", "1"])])
+    assert LAUNCHES["cpu_deepspeed_zero3_offload"] in offloaded.stdout + offloaded.stderr
     # one process accumulating two micro-batches of 1: the same global batch, summed the same way
     run(sft_command(data, tmp_path / "single", [*steps, "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "2"]))
 
@@ -362,6 +368,10 @@ def test_zero3_checkpoint_and_adapter_match_a_single_process_run(tmp_path):
     # Measured: the difference is 3e-6 of how far training moved the logits, at most 1.05e-5 per logit.
     assert (zero3 - single).norm() < 1e-4 * moved, ((zero3 - single).norm(), moved)
     torch.testing.assert_close(zero3, single, atol=1e-4, rtol=0)
+    # ZeRO-3 with the optimizer and the parameters offloaded to the CPU computes the same steps as ZeRO-3
+    offload = logits_of(tmp_path / "offload")
+    assert (offload - zero3).norm() < 1e-4 * moved, ((offload - zero3).norm(), moved)
+    print(f"ZeRO-3 offload vs ZeRO-3: max {(offload - zero3).abs().max():.3g} per logit; ZeRO-3 vs one process: max {(zero3 - single).abs().max():.3g}")
 
 
 def distinct_rows_dataset(path: Path) -> Path:

@@ -63,8 +63,8 @@ def _trainable_by_kind(model: nn.Module) -> dict[str, int]:
             kind_of[name] = kind_of.get(parent_name, "other") if name else "other"
     counts = dict.fromkeys(("LoRA", "embeddings", "norms", "other"), 0)
     for name, parameter in model.named_parameters():
-        if parameter.requires_grad:
-            counts[kind_of[name.rpartition(".")[0]]] += parameter.numel()
+        if parameter.requires_grad:  # under ZeRO-3 a parameter is a shard here; ds_numel is its whole size
+            counts[kind_of[name.rpartition(".")[0]]] += getattr(parameter, "ds_numel", None) or parameter.numel()
     return {kind: count for kind, count in counts.items() if count}
 
 

@@ -23,6 +23,7 @@ class DistributedSetup:
     process_index: int
     data_parallel: int  # processes / sequence_parallel
     zero_stage: int | None = None  # under DeepSpeed
+    offload: str | None = None  # under DeepSpeed: what ZeRO offloads and where ("optimizer cpu, parameters cpu")
     fsdp_version: int | None = None  # under FSDP
     sequence_parallel: int | None = None  # when a ParallelismConfig sets sp_size > 1
     final: bool = True  # read from the Accelerator's state (False: from TrainingArguments' PartialState, before it)
@@ -33,7 +34,7 @@ class DistributedSetup:
         parts = [f"{self.distributed_type}", f"{self.processes} processes (this is rank {self.process_index})",
                  f"data-parallel {self.data_parallel}"]
         if self.zero_stage is not None:
-            parts.append(f"ZeRO stage {self.zero_stage}")
+            parts.append(f"ZeRO stage {self.zero_stage}" + (f" (offload: {self.offload})" if self.offload else ""))
         if self.fsdp_version is not None:
             parts.append(f"FSDP{self.fsdp_version}")
         if self.sequence_parallel:
@@ -49,14 +50,18 @@ def distributed_setup() -> DistributedSetup:
     full = AcceleratorState._shared_state != {}
     state = AcceleratorState() if full else PartialState()
     kind = state.distributed_type.name if hasattr(state.distributed_type, "name") else str(state.distributed_type)
-    zero = fsdp = sp = None
+    zero = offload = fsdp = sp = None
     if full:
         plugin = getattr(state, "deepspeed_plugin", None)
         zero = getattr(plugin, "zero_stage", None) if kind == "DEEPSPEED" else None
+        if zero is not None:
+            zero_config = (getattr(plugin, "deepspeed_config", None) or {}).get("zero_optimization", {})
+            places = {what: (zero_config.get(f"offload_{key}") or {}).get("device", "none") for what, key in (("optimizer", "optimizer"), ("parameters", "param"))}
+            offload = ", ".join(f"{what} {device}" for what, device in places.items() if device != "none") or None
         fsdp = getattr(getattr(state, "fsdp_plugin", None), "fsdp_version", None) if kind == "FSDP" else None
         sp = getattr(getattr(state, "parallelism_config", None), "sp_size", None)
         sp = sp if sp and sp > 1 else None
-    return DistributedSetup(kind, state.num_processes, state.process_index, state.num_processes // (sp or 1), zero, fsdp, sp, full)
+    return DistributedSetup(kind, state.num_processes, state.process_index, state.num_processes // (sp or 1), zero, offload, fsdp, sp, full)
 
 
 def check_launch(setup: DistributedSetup | None = None) -> DistributedSetup:
