@@ -322,6 +322,26 @@ def run_command(command: list[str], **environment: str) -> subprocess.CompletedP
     return result
 
 
+def two_machines(sft_args: list[str]) -> None:
+    """`sft_args` launched as two machines of one process each on this one (tests/configs/cpu_two_machines.yaml):
+    two `accelerate launch` commands, --machine_rank 0 and 1, the main process on 127.0.0.1."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    machines = [
+        subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--config_file", "tests/configs/cpu_two_machines.yaml",
+                          "--machine_rank", str(rank), "--main_process_port", port, *sft_args],
+                         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for rank in (0, 1)
+    ]
+    outputs = [machine.communicate(timeout=600)[0] for machine in machines]
+    assert [machine.returncode for machine in machines] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "launch: DEEPSPEED, 2 processes (this is rank 0), data-parallel 2, ZeRO stage 3" in outputs[0]
+
+
 def logits_of(adapter_dir: Path) -> torch.Tensor:
     model = AutoPeftModelForCausalLM.from_pretrained(adapter_dir)
     ids = torch.randint(0, 4096, (1, 96), generator=torch.Generator().manual_seed(0))
@@ -335,6 +355,7 @@ def test_zero3_checkpoint_and_adapter_match_a_single_process_run(tmp_path):
     steps = ["--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2", "--learning_rate", "2e-3"]
     run(["-m", "accelerate.commands.launch", "--config_file", "tests/configs/cpu_deepspeed_zero3.yaml",
          *sft_command(data, tmp_path / "zero3", [*steps, "--per_device_train_batch_size", "1"])])
+    two_machines(sft_command(data, tmp_path / "two_machines", [*steps, "--per_device_train_batch_size", "1"]))
     offloaded = run(["-m", "accelerate.commands.launch", "--config_file", "tests/configs/cpu_deepspeed_zero3_offload.yaml",
                      *sft_command(data, tmp_path / "offload", [*steps, "--per_device_train_batch_size", "1"])])
     assert LAUNCHES["cpu_deepspeed_zero3_offload"] in offloaded.stdout + offloaded.stderr
@@ -368,10 +389,14 @@ def test_zero3_checkpoint_and_adapter_match_a_single_process_run(tmp_path):
     # Measured: the difference is 3e-6 of how far training moved the logits, at most 1.05e-5 per logit.
     assert (zero3 - single).norm() < 1e-4 * moved, ((zero3 - single).norm(), moved)
     torch.testing.assert_close(zero3, single, atol=1e-4, rtol=0)
+    # two machines of one process each (two launches, machine_rank 0 and 1) run the 2-process ZeRO-3 launch
+    machines = logits_of(tmp_path / "two_machines")
+    torch.testing.assert_close(machines, zero3, atol=1e-6, rtol=0)
     # ZeRO-3 with the optimizer and the parameters offloaded to the CPU computes the same steps as ZeRO-3
     offload = logits_of(tmp_path / "offload")
     assert (offload - zero3).norm() < 1e-4 * moved, ((offload - zero3).norm(), moved)
-    print(f"ZeRO-3 offload vs ZeRO-3: max {(offload - zero3).abs().max():.3g} per logit; ZeRO-3 vs one process: max {(zero3 - single).abs().max():.3g}")
+    print(f"ZeRO-3 offload vs ZeRO-3: max {(offload - zero3).abs().max():.3g} per logit; two machines vs ZeRO-3: max "
+          f"{(machines - zero3).abs().max():.3g}; ZeRO-3 vs one process: max {(zero3 - single).abs().max():.3g}")
 
 
 def distinct_rows_dataset(path: Path) -> Path:
