@@ -206,6 +206,17 @@ def check_local_data(script_args, training_args, dataset_args, longlora_args) ->
             check_training_file(path, training_args.dataset_text_field)
 
 
+def check_bitsandbytes(flag: str) -> None:
+    """QLoRA (TRL's `--load_in_4bit`, or `--load_in_8bit`) loads the base through bitsandbytes, an optional extra."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as error:
+        raise ValueError(
+            f"{flag} quantizes the base model with bitsandbytes, which cannot be imported ({error}): "
+            "pip install 'longlora-hf[qlora]'."
+        ) from None
+
+
 def check_output_dir(script_args, training_args, model_args, dataset_args) -> None:
     """Where the output_dir is, by the rule of `longlora_hf.paths`: a directory, never the model or the data (or
     inside or around them), and writable."""
@@ -349,6 +360,8 @@ def check_arguments(script_args, training_args, model_args, dataset_args, longlo
     check_numbers(training_args, model_args)
     if longlora_args.longlora:
         longlora_config(model_args, training_args, longlora_args)  # validates the LongLoRA flags
+    if model_args.load_in_4bit or model_args.load_in_8bit:
+        check_bitsandbytes("--load_in_4bit" if model_args.load_in_4bit else "--load_in_8bit")
     if model_args.model_name_or_path is None:
         raise ValueError("--model_name_or_path is required: the model to fine-tune (a local directory or a Hub id).")
     # "config": TRL's loader takes .bin weights too; safetensors present are checked

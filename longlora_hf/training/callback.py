@@ -31,6 +31,7 @@ class LongLoraReport:
     rope: str
     trainable: dict[str, int] = field(default_factory=dict)
     distributed: DistributedSetup | None = None
+    quantization: str | None = None  # of the base model, e.g. "bitsandbytes 4-bit nf4 (compute float32)"
 
     def __str__(self) -> str:
         attention = "S2-Attn off (dense attention)"
@@ -40,6 +41,7 @@ class LongLoraReport:
         return (
             f"LongLoRA: {attention}; context {self.context_length} tokens (extended x"
             f"{self.position_interpolation_factor:g}, RoPE {self.rope}); trainable parameters: {counts}"
+            + (f"; base quantized: {self.quantization}" if self.quantization else "")
             + (f"; launch: {self.distributed}" if self.distributed is not None else "")
         )
 
@@ -66,6 +68,22 @@ def _trainable_by_kind(model: nn.Module) -> dict[str, int]:
         if parameter.requires_grad:  # under ZeRO-3 a parameter is a shard here; ds_numel is its whole size
             counts[kind_of[name.rpartition(".")[0]]] += getattr(parameter, "ds_numel", None) or parameter.numel()
     return {kind: count for kind, count in counts.items() if count}
+
+
+def _quantization(config) -> str | None:
+    """How the base model's weights are quantized, from its config (`quantization_config`), or None."""
+    quantization = getattr(config, "quantization_config", None)
+    if quantization is None:
+        return None
+    values = quantization if isinstance(quantization, dict) else quantization.to_dict()
+    method = values.get("quant_method", "quantized")
+    method = getattr(method, "value", method)
+    if values.get("load_in_4bit"):
+        compute = str(values.get("bnb_4bit_compute_dtype", "")).replace("torch.", "")
+        return f"{method} 4-bit {values.get('bnb_4bit_quant_type', '')}" + (f" (compute {compute})" if compute else "")
+    if values.get("load_in_8bit"):
+        return f"{method} 8-bit"
+    return str(method)
 
 
 class LongLoraCallback(TrainerCallback):
@@ -120,7 +138,8 @@ class LongLoraCallback(TrainerCallback):
         factor = (longlora.position_interpolation_factor if longlora else None) or 1.0
         rope = describe_rope(rope_parameters_of(config))
         self.report = LongLoraReport(
-            runs_s2, max_length, group_size, groups, context, factor, rope, _trainable_by_kind(model), distributed
+            runs_s2, max_length, group_size, groups, context, factor, rope, _trainable_by_kind(model), distributed,
+            _quantization(base.config),
         )
         if state.is_world_process_zero:
             logger.warning(str(self.report))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 
+import torch
 import trl
 
 from ..model_card import write_model_card
@@ -13,11 +14,12 @@ from .callback import LongLoraCallback
 
 
 class LongLoraSFTTrainer(trl.SFTTrainer):
-    """`trl.SFTTrainer`, plus two things: `LongLoraCallback` is added when the callbacks lack one, and the
+    """`trl.SFTTrainer`, plus three things: `LongLoraCallback` is added when the callbacks lack one; the
     LongLoRA card from `model_cards/` states what the trainer knows (data, steps, last evaluation): in
     every directory `save_model` writes (checkpoints included; a card someone wrote is kept), and from
-    `create_model_card` (what `trainer.push_to_hub()` calls) instead of TRL's card. Everything else,
-    arguments included, is `SFTTrainer`'s."""
+    `create_model_card` (what `trainer.push_to_hub()` calls) instead of TRL's card; and over a quantized
+    base (QLoRA) the LoRA+ embeddings and norms stay in float32 (`keep_lora_plus_in_float32`). Everything
+    else, arguments included, is `SFTTrainer`'s."""
 
     def __init__(self, *args, callbacks=None, **kwargs):
         callbacks = list(callbacks or [])
@@ -27,6 +29,7 @@ class LongLoraSFTTrainer(trl.SFTTrainer):
         for callback in self.callback_handler.callbacks:
             if isinstance(callback, LongLoraCallback):
                 callback.trainer_writes_card = True
+        keep_lora_plus_in_float32(self.model)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """`SFTTrainer.save_model` (checkpoints too), then the LongLoRA card with what the trainer knows so far
@@ -69,3 +72,34 @@ class LongLoraSFTTrainer(trl.SFTTrainer):
             directory, config, overwrite=overwrite, repo_or_path=repo or os.path.basename(os.path.abspath(args.output_dir)),
             training_data=data, training_steps=steps, evaluation=evaluation, tags=extra_tags,
         )
+
+
+def keep_lora_plus_in_float32(model) -> list[str]:
+    """Over a quantized base, put the trainable LoRA+ weights (`modules_to_save`: the input embedding and the
+    norms) back in float32; returns their names. TRL's `SFTTrainer` casts every trainable weight of a quantized
+    model to bfloat16 (the QLoRA paper's choice for LoRA's A and B). A norm's weights lie near 1, where bfloat16
+    values are 2**-7 apart: updates of the paper's learning rate (2e-5) round away and the norm never trains.
+    A copy TRL only cast (it equals its original module's weight rounded to bfloat16) gets the original's float32
+    values back; any other (an adapter loaded trained) is cast up. LoRA's A and B stay as TRL sets them.
+    Removed when TRL exempts `modules_to_save` from that cast."""
+    from peft.utils.other import ModulesToSaveWrapper
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base.config, "quantization_config", None) is None or longlora_config_of(model) is None:
+        return []
+    kept = []
+    for wrapper_name, wrapper in model.named_modules():
+        if not isinstance(wrapper, ModulesToSaveWrapper):
+            continue
+        originals = dict(wrapper.original_module.named_parameters())
+        for adapter, copy in wrapper.modules_to_save.items():
+            for name, parameter in copy.named_parameters():
+                if not parameter.requires_grad or parameter.dtype == torch.float32:
+                    continue
+                original = originals.get(name)
+                if original is not None and original.dtype == torch.float32 and torch.equal(parameter.data, original.data.to(parameter.dtype)):
+                    parameter.data = original.data.detach().clone()
+                else:
+                    parameter.data = parameter.data.float()
+                kept.append(f"{wrapper_name}.modules_to_save.{adapter}.{name}")
+    return kept
