@@ -56,6 +56,7 @@ def test_fsdp2_shards_longlora_and_saves_resumes_and_reloads_as_one_process_trai
         torch.testing.assert_close(saved["base_model.model.lm_head.weight"], saved["base_model.model.model.embed_tokens.weight"], atol=0, rtol=0)
         difference = (logits_of(tmp_path / run) - reference).norm()
         assert difference < 1e-4 * moved, (run, difference, moved)
+    torch.testing.assert_close(logits_of(tmp_path / "resumed"), logits_of(tmp_path / "straight"), atol=0, rtol=0)
     print(f"FSDP2 (2 processes) vs one process: {(logits_of(tmp_path / 'straight') - reference).abs().max():.3g} max per logit; "
           f"resumed vs straight: {(logits_of(tmp_path / 'resumed') - logits_of(tmp_path / 'straight')).abs().max():.3g}; "
           f"training moved the logits by {moved:.3g} (norm), lr {LEARNING_RATE}")

@@ -48,7 +48,10 @@ def distributed_setup() -> DistributedSetup:
     from accelerate.state import AcceleratorState, PartialState
 
     full = AcceleratorState._shared_state != {}
-    state = AcceleratorState() if full else PartialState()
+    try:
+        state = AcceleratorState() if full else PartialState()
+    except ValueError:  # an AcceleratorState left half-built (created outside an Accelerator): the process state
+        full, state = False, PartialState()
     kind = state.distributed_type.name if hasattr(state.distributed_type, "name") else str(state.distributed_type)
     zero = offload = fsdp = sp = None
     if full:
@@ -59,9 +62,15 @@ def distributed_setup() -> DistributedSetup:
             places = {what: (zero_config.get(f"offload_{key}") or {}).get("device", "none") for what, key in (("optimizer", "optimizer"), ("parameters", "param"))}
             offload = ", ".join(f"{what} {device}" for what, device in places.items() if device != "none") or None
         fsdp = getattr(getattr(state, "fsdp_plugin", None), "fsdp_version", None) if kind == "FSDP" else None
-        sp = getattr(getattr(state, "parallelism_config", None), "sp_size", None)
+        parallelism = getattr(state, "parallelism_config", None)
+        sp = getattr(parallelism, "sp_size", None)
         sp = sp if sp and sp > 1 else None
-    return DistributedSetup(kind, state.num_processes, state.process_index, state.num_processes // (sp or 1), zero, offload, fsdp, sp, full)
+    # processes per data-parallel replica: tensor, context and sequence parallelism share one batch
+    parallelism = getattr(state, "parallelism_config", None) if full else None
+    non_data = 1
+    for name in ("tp_size", "cp_size", "sp_size"):
+        non_data *= getattr(parallelism, name, None) or 1
+    return DistributedSetup(kind, state.num_processes, state.process_index, max(1, state.num_processes // non_data), zero, offload, fsdp, sp, full)
 
 
 def check_launch(setup: DistributedSetup | None = None) -> DistributedSetup:
@@ -77,15 +86,16 @@ def check_launch(setup: DistributedSetup | None = None) -> DistributedSetup:
             "process each; use the CPU configs in tests/configs (DeepSpeed, or DDP with distributed_type MULTI_GPU "
             "and use_cpu: true)."
         )
-    # Before the Trainer's Accelerator exists, accelerate reports FSDP on GPUs as MULTI_GPU and DeepSpeed as
-    # MULTI_CPU/MULTI_GPU; it never shards with FSDP on a CPU (NO, MULTI_CPU).
+    # Before the Trainer's Accelerator exists, accelerate reports FSDP on GPUs as MULTI_GPU (and DeepSpeed on a
+    # CPU as MULTI_CPU); it never shards with FSDP on a CPU (MULTI_CPU) or in a process started alone (NO).
     fsdp_asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     if fsdp_asked and (setup.distributed_type in ("NO", "MULTI_CPU") or (setup.final and setup.distributed_type != "FSDP")):
         raise ValueError(
             f"the accelerate config asks for FSDP (ACCELERATE_USE_FSDP=true), but accelerate runs "
             f"{setup.distributed_type} with {setup.processes} process(es): accelerate shards with FSDP only on "
-            "accelerators (CUDA, XPU, NPU...), so here every process would hold and train the whole model. Run the "
-            "FSDP config on GPUs, or on a CPU use a DeepSpeed ZeRO-3 config (tests/configs/cpu_deepspeed_zero3.yaml)."
+            "accelerators (CUDA, XPU, NPU...) and in processes started by `accelerate launch` or `torchrun`, so here "
+            "every process would hold and train the whole model. Launch the FSDP config on GPUs with `accelerate "
+            "launch`; on a CPU use a DeepSpeed ZeRO-3 config (tests/configs/cpu_deepspeed_zero3.yaml)."
         )
     deepspeed_asked = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     if deepspeed_asked and setup.final and setup.distributed_type != "DEEPSPEED":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 
@@ -11,6 +12,8 @@ import trl
 from ..model_card import write_model_card
 from ..tuner import longlora_config_of
 from .callback import LongLoraCallback
+
+logger = logging.getLogger(__name__)
 
 
 class LongLoraSFTTrainer(trl.SFTTrainer):
@@ -29,7 +32,14 @@ class LongLoraSFTTrainer(trl.SFTTrainer):
         for callback in self.callback_handler.callbacks:
             if isinstance(callback, LongLoraCallback):
                 callback.trainer_writes_card = True
-        keep_lora_plus_in_float32(self.model)
+        if self.is_fsdp_enabled:  # FSDP flattens each wrapped block into one dtype: leave TRL's uniform bfloat16
+            if getattr(getattr(self.model, "config", None), "quantization_config", None) is not None:
+                logger.warning(
+                    "LongLoRA: QLoRA under FSDP trains the LoRA+ embedding and norms in bfloat16 (TRL's cast; FSDP needs "
+                    "one dtype per wrapped block): at small learning rates (the paper's 2e-5) their updates round away."
+                )
+        else:
+            keep_lora_plus_in_float32(self.model)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """`SFTTrainer.save_model` (checkpoints too), then the LongLoRA card with what the trainer knows so far
@@ -81,7 +91,9 @@ def keep_lora_plus_in_float32(model) -> list[str]:
     values are 2**-7 apart: updates of the paper's learning rate (2e-5) round away and the norm never trains.
     A copy TRL only cast (it equals its original module's weight rounded to bfloat16) gets the original's float32
     values back; any other (an adapter loaded trained) is cast up. LoRA's A and B stay as TRL sets them.
-    Removed when TRL exempts `modules_to_save` from that cast."""
+    Not under FSDP, which needs one dtype per wrapped block. In float32 the embedding's output, and so the
+    residual stream, is float32 too (more activation memory than a bfloat16 stream; not measured on a GPU
+    here). Removed when TRL exempts `modules_to_save` from that cast."""
     from peft.utils.other import ModulesToSaveWrapper
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
