@@ -187,9 +187,9 @@ def _foreign(directory: Path) -> list[str]:
     return sorted(name for name in os.listdir(directory) if name not in ours)
 
 
-def check_output_directory(value: str | os.PathLike, flag: str, inputs: Mapping[str, object] = {}, overwrite: bool = False) -> Path:
-    """Check a directory a command is about to write, before any work; return it resolved. See the module's
-    rule. `inputs`: {flag: local path or list of them} the command reads."""
+def check_output_place(value: str | os.PathLike, flag: str, inputs: Mapping[str, object] = {}) -> Path:
+    """Where an output directory goes, whatever it holds: a directory (or nothing yet), not one of the `inputs`
+    ({flag: local path or list of them}) nor inside or around one, and writable. Returns it resolved."""
     output = Path(value).expanduser().resolve()
     if output.exists() and not output.is_dir():
         raise ValueError(f"{flag} {value} is a file; give a directory (it is created if missing).")
@@ -197,6 +197,13 @@ def check_output_directory(value: str | os.PathLike, flag: str, inputs: Mapping[
     check_writable_parent(output, flag)
     if output.exists() and not os.access(output, os.W_OK | os.X_OK):
         raise PermissionError(f"{flag} {value}: cannot write in it (permission denied); choose a writable directory.")
+    return output
+
+
+def check_output_directory(value: str | os.PathLike, flag: str, inputs: Mapping[str, object] = {}, overwrite: bool = False) -> Path:
+    """Check a directory a command is about to write, before any work; return it resolved. See the module's
+    rule. `inputs`: {flag: local path or list of them} the command reads."""
+    output = check_output_place(value, flag, inputs)
     foreign = _foreign(output)
     if foreign and not overwrite:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")

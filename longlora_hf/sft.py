@@ -21,7 +21,7 @@ import typing
 from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 
-from .paths import check_model_source, check_not_an_input, check_writable_parent, claimed_directory
+from .paths import check_model_source, check_output_place, claimed_directory
 from .training.formatting import check_record_format, check_too_long, check_training_file, read_records, record_fields
 from .tuner import LongLoraConfig
 
@@ -220,14 +220,8 @@ def check_bitsandbytes(flag: str) -> None:
 def check_output_dir(script_args, training_args, model_args, dataset_args) -> None:
     """Where the output_dir is, by the rule of `longlora_hf.paths`: a directory, never the model or the data (or
     inside or around them), and writable."""
-    output = Path(training_args.output_dir).expanduser().resolve()
-    if output.exists() and not output.is_dir():
-        raise ValueError(f"--output_dir {training_args.output_dir} is a file; give a directory.")
     inputs = {"--model_name_or_path": model_args.model_name_or_path, "data": local_data_paths(script_args, dataset_args)}
-    check_not_an_input(output, inputs, "--output_dir")
-    check_writable_parent(output, "--output_dir")
-    if output.exists() and not os.access(output, os.W_OK | os.X_OK):
-        raise PermissionError(f"--output_dir {training_args.output_dir}: cannot write in it (permission denied); choose a writable directory.")
+    check_output_place(training_args.output_dir, "--output_dir", inputs)
 
 
 def check_output_dir_contents(training_args, longlora_args) -> None:

@@ -353,8 +353,9 @@ def logits_of(adapter_dir: Path) -> torch.Tensor:
 def test_zero3_checkpoint_and_adapter_match_a_single_process_run(tmp_path):
     data = identical_rows_dataset(tmp_path / "data.jsonl")
     steps = ["--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2", "--learning_rate", "2e-3"]
-    run(["-m", "accelerate.commands.launch", "--config_file", "tests/configs/cpu_deepspeed_zero3.yaml",
-         *sft_command(data, tmp_path / "zero3", [*steps, "--per_device_train_batch_size", "1"])])
+    zero3_run = run(["-m", "accelerate.commands.launch", "--config_file", "tests/configs/cpu_deepspeed_zero3.yaml",
+                     *sft_command(data, tmp_path / "zero3", [*steps, "--per_device_train_batch_size", "1"])])
+    assert LAUNCHES["cpu_deepspeed_zero3"] in zero3_run.stdout + zero3_run.stderr  # two ranks ran together
     two_machines(sft_command(data, tmp_path / "two_machines", [*steps, "--per_device_train_batch_size", "1"]))
     offloaded = run(["-m", "accelerate.commands.launch", "--config_file", "tests/configs/cpu_deepspeed_zero3_offload.yaml",
                      *sft_command(data, tmp_path / "offload", [*steps, "--per_device_train_batch_size", "1"])])
@@ -443,11 +444,16 @@ def test_a_zero3_run_resumed_from_its_checkpoint_ends_with_the_uninterrupted_ada
     common = ["--save_strategy", "steps", "--save_steps", "2", "--learning_rate", "5e-3", "--seed", "7",
               "--per_device_train_batch_size", "1"]
     launch = ["-m", "accelerate.commands.launch", "--config_file", "tests/configs/cpu_deepspeed_zero3.yaml"]
-    run([*launch, *sft_command(data, tmp_path / "straight", ["--max_steps", "4", *common])])
-    run([*launch, *sft_command(data, tmp_path / "resumed", ["--max_steps", "2", *common])])
+
+    def launched(args):
+        result = run([*launch, *args])
+        assert LAUNCHES["cpu_deepspeed_zero3"] in result.stdout + result.stderr  # two ranks ran together
+
+    launched(sft_command(data, tmp_path / "straight", ["--max_steps", "4", *common]))
+    launched(sft_command(data, tmp_path / "resumed", ["--max_steps", "2", *common]))
     checkpoint = tmp_path / "resumed" / "checkpoint-2"
     assert any(p.name.startswith("global_step") for p in checkpoint.iterdir())  # DeepSpeed's optimizer shards
-    run([*launch, *sft_command(data, tmp_path / "resumed", ["--max_steps", "4", *common, "--resume_from_checkpoint", str(checkpoint)])])
+    launched(sft_command(data, tmp_path / "resumed", ["--max_steps", "4", *common, "--resume_from_checkpoint", str(checkpoint)]))
     torch.testing.assert_close(logits_of(tmp_path / "resumed"), logits_of(tmp_path / "straight"), atol=1e-6, rtol=0)
     assert not torch.allclose(logits_of(checkpoint), logits_of(tmp_path / "straight"))
 

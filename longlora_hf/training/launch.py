@@ -53,7 +53,8 @@ def distributed_setup() -> DistributedSetup:
     except ValueError:  # an AcceleratorState left half-built (created outside an Accelerator): the process state
         full, state = False, PartialState()
     kind = state.distributed_type.name if hasattr(state.distributed_type, "name") else str(state.distributed_type)
-    zero = offload = fsdp = sp = None
+    zero = offload = fsdp = None
+    parallelism = getattr(state, "parallelism_config", None) if full else None
     if full:
         plugin = getattr(state, "deepspeed_plugin", None)
         zero = getattr(plugin, "zero_stage", None) if kind == "DEEPSPEED" else None
@@ -62,11 +63,9 @@ def distributed_setup() -> DistributedSetup:
             places = {what: (zero_config.get(f"offload_{key}") or {}).get("device", "none") for what, key in (("optimizer", "optimizer"), ("parameters", "param"))}
             offload = ", ".join(f"{what} {device}" for what, device in places.items() if device != "none") or None
         fsdp = getattr(getattr(state, "fsdp_plugin", None), "fsdp_version", None) if kind == "FSDP" else None
-        parallelism = getattr(state, "parallelism_config", None)
-        sp = getattr(parallelism, "sp_size", None)
-        sp = sp if sp and sp > 1 else None
+    sp = getattr(parallelism, "sp_size", None)
+    sp = sp if sp and sp > 1 else None
     # processes per data-parallel replica: tensor, context and sequence parallelism share one batch
-    parallelism = getattr(state, "parallelism_config", None) if full else None
     non_data = 1
     for name in ("tp_size", "cp_size", "sp_size"):
         non_data *= getattr(parallelism, name, None) or 1
