@@ -79,6 +79,16 @@ class _SftArguments:
         },
     )
 
+    sp_size: int = field(
+        default=1,
+        metadata={
+            "help": "Sequence parallelism (DeepSpeed Ulysses, ALST): each of sp_size ranks holds 1/sp_size of every "
+            "training sequence, so a sequence can be sp_size times longer than one device holds. Needs `accelerate "
+            "launch` with a DeepSpeed config and a number of processes divisible by sp_size (data-parallel size: "
+            "processes / sp_size); batches are padded to a multiple of sp_size. 1: off."
+        },
+    )
+
 
 LongLoraArguments = make_dataclass("LongLoraArguments", [_config_flag(name) for name in CONFIG_FLAGS], bases=(_SftArguments,))
 LongLoraArguments.__module__ = __name__
@@ -215,6 +225,34 @@ def check_bitsandbytes(flag: str) -> None:
             f"{flag} quantizes the base model with bitsandbytes, which cannot be imported ({error}): "
             "pip install 'longlora-hf[qlora]'."
         ) from None
+
+
+def check_sp_size(sp_size, model_args, training_args) -> None:
+    """`--sp_size`: a whole number; above 1, a DeepSpeed launch whose processes it divides, and a model whose
+    attention heads it splits (read from a local model's config)."""
+    if isinstance(sp_size, bool) or not isinstance(sp_size, int) or sp_size < 1:
+        raise ValueError(f"--sp_size must be a whole number of ranks, at least 1 (1: no sequence parallelism); got {sp_size!r}.")
+    if sp_size == 1:
+        return
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        raise ValueError(
+            f"--sp_size {sp_size} runs DeepSpeed's sequence parallelism: launch with `accelerate launch --config_file "
+            f"trainer_configs/accelerate/deepspeed_zero3.yaml --num_processes {sp_size} -m longlora_hf.sft ...` (or "
+            "another DeepSpeed config)."
+        )
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world % sp_size:
+        raise ValueError(
+            f"--sp_size {sp_size} must divide the number of processes ({world}): the processes form data-parallel "
+            f"groups of sp_size ranks. Launch {sp_size} x k processes, or pick an sp_size that divides {world}."
+        )
+    if _local(model_args.model_name_or_path) is not None:
+        from transformers import AutoConfig
+
+        from .attention.sequence_parallel import check_sequence_parallel_heads
+
+        config = AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=training_args.trust_remote_code)
+        check_sequence_parallel_heads(config, sp_size, f"--model_name_or_path {model_args.model_name_or_path}")
 
 
 def check_output_dir(script_args, training_args, model_args, dataset_args) -> None:
@@ -360,6 +398,7 @@ def check_arguments(script_args, training_args, model_args, dataset_args, longlo
         raise ValueError("--model_name_or_path is required: the model to fine-tune (a local directory or a Hub id).")
     # "config": TRL's loader takes .bin weights too; safetensors present are checked
     check_model_source(model_args.model_name_or_path, "--model_name_or_path", "config")
+    check_sp_size(longlora_args.sp_size, model_args, training_args)
     check_output_dir(script_args, training_args, model_args, dataset_args)
 
 
@@ -386,6 +425,8 @@ def train(script_args, training_args, model_args, longlora_args, dataset) -> Non
     if training_args.model_init_kwargs is not None:
         model_init_kwargs.update(training_args.model_init_kwargs)
     training_args.model_init_kwargs = model_init_kwargs
+    if longlora_args.sp_size > 1:
+        use_sequence_parallelism(training_args, longlora_args.sp_size, model_args.attn_implementation)
     if longlora_args.longlora:
         trainer_class, peft_config = LongLoraSFTTrainer, longlora_config(model_args, training_args, longlora_args)
     else:
@@ -398,6 +439,10 @@ def train(script_args, training_args, model_args, longlora_args, dataset) -> Non
         quantization_config=get_quantization_config(model_args),
         peft_config=peft_config,
     )
+    if longlora_args.sp_size > 1:  # `--longlora false` has no LongLoraCallback to start it
+        from .training.sequence_parallel import start_deepspeed_comm
+
+        start_deepspeed_comm()
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.accelerator.print("Training completed.")
     save_model_whole(trainer, training_args.output_dir)
@@ -407,6 +452,27 @@ def train(script_args, training_args, model_args, longlora_args, dataset) -> Non
         trainer.accelerator.print(f"Model pushed to the Hub in https://huggingface.co/{trainer.hub_model_id}.")
     # What `Trainer.end()` (transformers >= 5.18) does: finish the trackers and leave the process group.
     trainer.accelerator.end_training()
+
+
+def use_sequence_parallelism(training_args, sp_size: int, attn_implementation: str | None) -> None:
+    """`--sp_size`: the Trainer's accelerator runs DeepSpeed sequence parallelism over sp_size ranks, wrapping the
+    model's attention (LongLoraCallback makes it "s2" once the model runs S2), and TRL pads every batch to a
+    multiple of sp_size so that it splits evenly. On a CPU every batch is padded to max_length: DeepSpeed's data
+    adapter gathers the batches of the ranks, which gloo (unlike NCCL) refuses when their lengths differ."""
+    import math
+
+    import torch
+    from accelerate.parallelism_config import ParallelismConfig
+    from accelerate.utils import DeepSpeedSequenceParallelConfig
+
+    handler = DeepSpeedSequenceParallelConfig(
+        sp_seq_length_is_variable=True, sp_attn_implementation=attn_implementation or "sdpa"
+    )
+    training_args.parallelism_config = ParallelismConfig(sp_size=sp_size, sp_backend="deepspeed", sp_handler=handler)
+    multiple = math.lcm(training_args.pad_to_multiple_of or 1, sp_size)
+    if (training_args.use_cpu or not torch.cuda.is_available()) and training_args.max_length:
+        multiple = math.lcm(multiple, training_args.max_length)
+    training_args.pad_to_multiple_of = multiple
 
 
 def save_model_whole(trainer, output_dir: str) -> None:

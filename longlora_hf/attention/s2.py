@@ -32,14 +32,16 @@ without gradients, so their forward and their recomputation agree.
 from __future__ import annotations
 
 import math
+import threading
 
-from dataclasses import astuple, dataclass, field
+from dataclasses import astuple, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .sequence_parallel import heads_held
 from .settings import S2AttentionSettings
 
 
@@ -211,22 +213,59 @@ class S2Mask:
         return layout
 
 
-def kv_head_halves(key: torch.Tensor, heads: int) -> list[torch.Tensor]:
-    """The key (or value) heads read by each half of the query heads: [tokens, kv_heads, dim] -> two tensors.
+# The layouts of the last calls without a mask, per thread: [(position ids (a copy), key, layout)].
+_without_mask = threading.local()
+_REMEMBERED = 2  # the training layout and the documents of a dense call can alternate
 
-    Under grouped-query attention query head h reads kv head h // (heads / kv_heads). With an even
-    number of kv heads each half reads its own half of them (a split: no copy, and a backward that
-    concatenates); with one kv head (MQA) both halves read it. Only an odd number of kv heads, where
-    one kv head serves both halves, needs an index that repeats the straddling heads.
+
+def layout_without_mask(
+    position_ids: torch.Tensor | None, batch: int, seq: int, settings: S2AttentionSettings, device
+) -> S2Layout:
+    """The layout of a call that has no mask: every token is real, documents restart their position ids.
+
+    This is the case under sequence parallelism, where DeepSpeed drops the mask and hands every layer a newly
+    gathered `position_ids` tensor: no object ties the layers of one forward together, so the layout is
+    remembered by the *values* of the position ids (kept as a copy), the sizes, device and settings, for the last
+    calls of this thread. The first layer of a forward computes it; the others compare the position ids (O(seq),
+    on their device) and reuse it. A buffer refilled in place between calls no longer compares equal.
+    """
+    key = (batch, seq, device, astuple(settings))
+    remembered = getattr(_without_mask, "layouts", None)
+    if remembered is None:
+        remembered = _without_mask.layouts = []
+    for known_ids, known_key, layout in remembered:
+        if known_key == key and _same_values(known_ids, position_ids):
+            return layout
+    layout = s2_layout(torch.ones(batch, seq, dtype=torch.bool), position_ids, settings, device)
+    remembered.insert(0, (None if position_ids is None else position_ids.detach().clone(), key, layout))
+    del remembered[_REMEMBERED:]
+    return layout
+
+
+def _same_values(known: torch.Tensor | None, given: torch.Tensor | None) -> bool:
+    if known is None or given is None:
+        return known is given
+    return known.shape == given.shape and known.device == given.device and torch.equal(known, given)
+
+
+def kv_head_parts(key: torch.Tensor, heads: int, split: int) -> list[torch.Tensor]:
+    """The key (or value) heads read by query heads `[0, split)` and by `[split, heads)`: [tokens, kv_heads, dim]
+    -> two tensors.
+
+    Under grouped-query attention query head h reads kv head h // (heads / kv_heads). When `split` falls between
+    the query heads of two kv heads each part reads its own kv heads (a split: no copy, and a backward that
+    concatenates); with one kv head (MQA) both parts read it. Only a kv head serving query heads on both sides
+    of `split` (an odd number of kv heads at the middle, or a boundary inside a sequence-parallel rank) needs an
+    index that repeats it.
     """
     kv_heads = key.shape[1]
-    if kv_heads % 2 == 0:
-        return list(key.split(kv_heads // 2, dim=1))
     if kv_heads == 1:
         return [key, key]
     group = heads // kv_heads
+    if split % group == 0:
+        return list(key.split([split // group, kv_heads - split // group], dim=1))
     index = torch.arange(heads, device=key.device) // group
-    return [key.index_select(1, index[: heads // 2]), key.index_select(1, index[heads // 2 :])]
+    return [key.index_select(1, index[:split]), key.index_select(1, index[split:])]
 
 
 def _sliding_window_mask(length: int, window: int, device) -> torch.Tensor:
@@ -351,6 +390,42 @@ def check_even_heads(heads: int, owner: str) -> None:
         )
 
 
+def _dense(
+    module, query, key, value, attention_mask, settings, dropout, scaling, is_causal, sliding_window, position_ids,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Exact dense causal attention through the inner backend.
+
+    A call with no mask whose position ids restart inside a row (packed documents; padding given restarting ids,
+    as TRL's collator does) gets attention within each document, as transformers' own mask would have made it:
+    under sequence parallelism DeepSpeed drops the mask, and evaluation runs through the same wrapper. flash-attn
+    finds the documents from the position ids itself."""
+    mask = attention_mask.inner if isinstance(attention_mask, S2Mask) else attention_mask
+    batch, heads, seq, _ = query.shape
+    if (
+        mask is None
+        and settings.inner_attn_implementation == "sdpa"
+        and is_causal is not False
+        and getattr(module, "is_causal", True)
+        and seq == key.shape[2]
+        and position_ids is not None
+        and position_ids.dim() == 2
+        and position_ids.shape[-1] == seq
+    ):
+        documents = replace(settings, group_size_ratio=1.0, group_size=None, shift=False)
+        layout = layout_without_mask(position_ids, batch, seq, documents, query.device)
+        if layout.runs[0] != [(0, seq, batch)]:  # not one document per row
+            q, k, v = (x.transpose(1, 2).reshape(batch * seq, x.shape[1], x.shape[3]) for x in (query, key, value))
+            out = sdpa_varlen(q, k, v, layout.runs[0], dropout, scaling, sliding_window)
+            return out.view(batch, seq, heads, value.shape[-1]), None
+    if is_causal is not None:
+        kwargs["is_causal"] = is_causal
+    return ALL_ATTENTION_FUNCTIONS[settings.inner_attn_implementation](
+        module, query, key, value, mask, dropout=dropout, scaling=scaling, sliding_window=sliding_window,
+        position_ids=position_ids, **kwargs,
+    )
+
+
 def s2_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -374,27 +449,21 @@ def s2_attention_forward(
     """
     settings = S2AttentionSettings.from_config(module.config)
     q_len, kv_len = query.shape[2], key.shape[2]
-    # `s2_mask` makes an S2Mask only for a forward started with gradients, so the mask still says "training"
-    # inside a layer that reentrant gradient checkpointing runs without them (its recomputation has them).
-    training = module.training and (isinstance(attention_mask, S2Mask) or torch.is_grad_enabled())
+    # Under Ulysses sequence parallelism this call holds the whole sequence for a share of the heads, and no mask
+    # (DeepSpeed drops it): whether it trains is the module's mode, since no S2Mask can mark a training forward.
+    model_heads = getattr(module.config, "num_attention_heads", None)
+    sequence_parallel = isinstance(model_heads, int) and query.shape[1] != model_heads
+    # Otherwise `s2_mask` makes an S2Mask only for a forward started with gradients, so the mask still says
+    # "training" inside a layer that reentrant gradient checkpointing runs without them (its recomputation has them).
+    training = module.training and (
+        sequence_parallel or isinstance(attention_mask, S2Mask) or torch.is_grad_enabled()
+    )
     if not training or q_len != kv_len:
-        dense = ALL_ATTENTION_FUNCTIONS[settings.inner_attn_implementation]
-        if is_causal is not None:
-            kwargs["is_causal"] = is_causal
-        return dense(
-            module,
-            query,
-            key,
-            value,
-            attention_mask.inner if isinstance(attention_mask, S2Mask) else attention_mask,
-            dropout=dropout,
-            scaling=scaling,
-            sliding_window=sliding_window,
-            position_ids=position_ids,
-            **kwargs,
-        )
+        return _dense(module, query, key, value, attention_mask, settings, dropout, scaling, is_causal,
+                      sliding_window, position_ids, **kwargs)
     check_causal(is_causal is not False and getattr(module, "is_causal", True), type(module).__name__)
-    check_even_heads(query.shape[1], type(module).__name__)
+    first_head, all_heads = heads_held(module.config, query.shape[1])
+    check_even_heads(all_heads, type(module).__name__)
     if kwargs.get("softcap") is not None:
         raise ValueError(
             f"S2-Attn does not support attention logit soft-capping (softcap={kwargs['softcap']}) of "
@@ -403,30 +472,38 @@ def s2_attention_forward(
 
     batch, heads, seq, _ = query.shape
     value_dim = value.shape[-1]  # differs from the query/key head size under MLA (DeepSeek-V2/V3)
-    if not isinstance(attention_mask, S2Mask):
-        # A 4D mask the caller built (transformers passes it through) or None from a wrapper: nothing ties
-        # this call to the other layers of its forward, so it gets a layout of its own.
-        attention_mask = S2Mask(attention_mask)
-    layout = attention_mask.layout(position_ids, batch, seq, settings, query.device)
+    if isinstance(attention_mask, S2Mask):
+        layout = attention_mask.layout(position_ids, batch, seq, settings, query.device)
+    elif attention_mask is None:
+        layout = layout_without_mask(position_ids, batch, seq, settings, query.device)
+    else:
+        # A 4D mask the caller built (transformers passes it through): nothing ties this call to the other layers
+        # of its forward, so it gets a layout of its own.
+        layout = S2Mask(attention_mask).layout(position_ids, batch, seq, settings, query.device)
     # [batch, heads, seq, dim] -> [batch * seq, heads, dim], then keep the real tokens only.
     q, k, v = (x.transpose(1, 2).reshape(batch * seq, x.shape[1], x.shape[3]) for x in (query, key, value))
     if layout.token_index is not None:
         q, k, v = (x.index_select(0, layout.token_index) for x in (q, k, v))
 
-    halves = []
-    for half, (q_half, k_half, v_half) in enumerate(
-        zip(q.split(heads // 2, dim=1), kv_head_halves(k, heads), kv_head_halves(v, heads))
-    ):
+    # The heads of this call with a global index below all_heads / 2 attend in the unshifted groups (half 0), the
+    # others in the shifted ones (half 1); with all heads here that is the first half of them.
+    unshifted = min(max(all_heads // 2 - first_head, 0), heads)
+    parts = zip(
+        (0, 1), q.split([unshifted, heads - unshifted], dim=1), kv_head_parts(k, heads, unshifted),
+        kv_head_parts(v, heads, unshifted),
+    )
+    outputs = []
+    for half, q_part, k_part, v_part in parts:
+        if q_part.shape[1] == 0:
+            continue
         if settings.inner_attn_implementation == "flash_attention_2":
             out = flash_varlen(
-                q_half, k_half, v_half, layout.cu_seqlens[half], layout.max_seqlen[half], dropout, scaling, sliding_window
+                q_part, k_part, v_part, layout.cu_seqlens[half], layout.max_seqlen[half], dropout, scaling, sliding_window
             )
         else:
-            out = sdpa_varlen(
-                q_half, k_half, v_half, layout.runs[half], dropout, scaling, sliding_window
-            )
-        halves.append(out)
-    out = torch.cat(halves, dim=1)  # [tokens, heads, value_dim]
+            out = sdpa_varlen(q_part, k_part, v_part, layout.runs[half], dropout, scaling, sliding_window)
+        outputs.append(out)
+    out = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]  # [tokens, heads, value_dim]
 
     if layout.token_index is not None:
         out = out.new_zeros(batch * seq, heads, value_dim).index_copy(0, layout.token_index, out)

@@ -14,6 +14,7 @@ from ..attention import S2_ATTN_IMPLEMENTATION, S2AttentionSettings
 from ..tuner import is_input_embedding, is_normalization, longlora_config_of
 from ..position_interpolation import context_length, describe_rope, rope_parameters_of
 from .launch import DistributedSetup, check_launch
+from .sequence_parallel import prepare_sequence_parallel
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,12 @@ class LongLoraCallback(TrainerCallback):
         self.report: LongLoraReport | None = None
         self.trainer_writes_card = False  # set by LongLoraSFTTrainer, whose pushes carry the LongLoRA card
         self._said_card = False
+
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        """Under DeepSpeed sequence parallelism, before accelerate prepares the model: the heads and the batch
+        length must split over the ranks, and DeepSpeed must wrap the attention the model runs ("s2")."""
+        if model is not None:
+            prepare_sequence_parallel(model, args)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         distributed = check_launch()  # what the launch asked for is what runs, or stop before training
