@@ -282,3 +282,31 @@ def test_group_size_below_two_is_refused(group_size):
 def test_unknown_inner_backend_is_refused():
     with pytest.raises(ValueError, match="inner_attn_implementation must be one of .*'eager'"):
         S2AttentionSettings(inner_attn_implementation="eager")
+
+
+def test_a_dense_call_without_a_mask_keeps_the_documents_its_position_ids_mark():
+    """Under sequence parallelism DeepSpeed drops every mask, in evaluation too: the dense path reads the packed
+    documents (and pads given restarting position ids, as TRL's collator makes them) from the position ids."""
+    heads, n = 4, 24
+    query, key, value = qkv(2, heads, 2, n)
+    position_ids = torch.stack([torch.cat([torch.arange(11), torch.arange(13)]), torch.cat([torch.arange(20), torch.zeros(4, dtype=torch.long)])])
+    out, _ = s2_attention_forward(attention_module(training=False), query, key, value, None, position_ids=position_ids)
+    mask = padding_mask_4d(torch.ones(2, n, dtype=torch.bool), position_ids).expand(2, heads, n, n)
+    torch.testing.assert_close(out, masked_attention(query, key, value, mask), atol=TOLERANCE, rtol=0)
+
+
+def test_calls_without_a_mask_share_a_layout_when_their_position_ids_have_the_same_values(monkeypatch):
+    """DeepSpeed's wrapper gathers a new position-id tensor for every layer: the layout is built once for them."""
+    import threading
+
+    built = []
+    original = s2.s2_layout
+    monkeypatch.setattr(s2, "s2_layout", lambda *a, **k: built.append(1) or original(*a, **k))
+    monkeypatch.setattr(s2, "_without_mask", threading.local(), raising=False)  # nothing remembered from other tests
+    query, key, value = qkv(1, 4, 2, 24)
+    ids = torch.cat([torch.arange(11), torch.arange(13)])[None]
+    for _ in range(3):  # three layers, each with its own copy
+        s2_attention_forward(attention_module(), query, key, value, None, position_ids=ids.clone())
+    assert len(built) == 1
+    s2_attention_forward(attention_module(), query, key, value, None, position_ids=torch.arange(24)[None])
+    assert len(built) == 2

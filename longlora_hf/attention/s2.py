@@ -411,13 +411,13 @@ def _dense(
         and position_ids is not None
         and position_ids.dim() == 2
         and position_ids.shape[-1] == seq
+        and bool((position_ids[:, 1:] != position_ids[:, :-1] + 1).any())  # a row holds more than one document
     ):
-        documents = replace(settings, group_size_ratio=1.0, group_size=None, shift=False)
+        documents = replace(settings, group_size_ratio=1.0, group_size=None, shift=False)  # one group per document
         layout = layout_without_mask(position_ids, batch, seq, documents, query.device)
-        if layout.runs[0] != [(0, seq, batch)]:  # not one document per row
-            q, k, v = (x.transpose(1, 2).reshape(batch * seq, x.shape[1], x.shape[3]) for x in (query, key, value))
-            out = sdpa_varlen(q, k, v, layout.runs[0], dropout, scaling, sliding_window)
-            return out.view(batch, seq, heads, value.shape[-1]), None
+        q, k, v = (x.transpose(1, 2).reshape(batch * seq, x.shape[1], x.shape[3]) for x in (query, key, value))
+        out = sdpa_varlen(q, k, v, layout.runs[0], dropout, scaling, sliding_window)
+        return out.view(batch, seq, heads, value.shape[-1]), None
     if is_causal is not None:
         kwargs["is_causal"] = is_causal
     return ALL_ATTENTION_FUNCTIONS[settings.inner_attn_implementation](
