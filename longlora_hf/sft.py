@@ -426,7 +426,12 @@ def train(script_args, training_args, model_args, longlora_args, dataset) -> Non
         model_init_kwargs.update(training_args.model_init_kwargs)
     training_args.model_init_kwargs = model_init_kwargs
     if longlora_args.sp_size > 1:
-        use_sequence_parallelism(training_args, longlora_args.sp_size, model_args.attn_implementation)
+        from .training.sequence_parallel import use_sequence_parallelism
+
+        # under LongLoRA, LongLoraCallback names the attention the model runs once S2 is on (accelerate refuses
+        # "s2" by name here); `--longlora false` wraps the model's own
+        wrapped = None if longlora_args.longlora else model_args.attn_implementation or "sdpa"
+        use_sequence_parallelism(training_args, longlora_args.sp_size, wrapped)
     if longlora_args.longlora:
         trainer_class, peft_config = LongLoraSFTTrainer, longlora_config(model_args, training_args, longlora_args)
     else:
@@ -452,27 +457,6 @@ def train(script_args, training_args, model_args, longlora_args, dataset) -> Non
         trainer.accelerator.print(f"Model pushed to the Hub in https://huggingface.co/{trainer.hub_model_id}.")
     # What `Trainer.end()` (transformers >= 5.18) does: finish the trackers and leave the process group.
     trainer.accelerator.end_training()
-
-
-def use_sequence_parallelism(training_args, sp_size: int, attn_implementation: str | None) -> None:
-    """`--sp_size`: the Trainer's accelerator runs DeepSpeed sequence parallelism over sp_size ranks, wrapping the
-    model's attention (LongLoraCallback makes it "s2" once the model runs S2), and TRL pads every batch to a
-    multiple of sp_size so that it splits evenly. On a CPU every batch is padded to max_length: DeepSpeed's data
-    adapter gathers the batches of the ranks, which gloo (unlike NCCL) refuses when their lengths differ."""
-    import math
-
-    import torch
-    from accelerate.parallelism_config import ParallelismConfig
-    from accelerate.utils import DeepSpeedSequenceParallelConfig
-
-    handler = DeepSpeedSequenceParallelConfig(
-        sp_seq_length_is_variable=True, sp_attn_implementation=attn_implementation or "sdpa"
-    )
-    training_args.parallelism_config = ParallelismConfig(sp_size=sp_size, sp_backend="deepspeed", sp_handler=handler)
-    multiple = math.lcm(training_args.pad_to_multiple_of or 1, sp_size)
-    if (training_args.use_cpu or not torch.cuda.is_available()) and training_args.max_length:
-        multiple = math.lcm(multiple, training_args.max_length)
-    training_args.pad_to_multiple_of = multiple
 
 
 def save_model_whole(trainer, output_dir: str) -> None:

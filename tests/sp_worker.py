@@ -72,7 +72,7 @@ def main(out: Path, names: list[str]) -> None:
         results, tensors = {"processes": size}, {}
         for step in range(2 if case.trains else 1):
             layouts[0] = 0
-            s2_module._without_mask.__dict__.clear()  # forget the layouts of earlier forwards: count this one's
+            s2_module._without_mask.clear()  # forget the layouts of earlier forwards: count this one's
             loss = combined_loss(model, local, group)
             loss.backward()
             results.setdefault("layouts_per_step", []).append(layouts[0])

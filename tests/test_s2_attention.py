@@ -9,7 +9,7 @@ import pytest
 import torch
 from s2_reference import group_boundaries, masked_attention, s2_reference_mask, varlen_stand_in
 
-from longlora_hf.attention import S2AttentionSettings, s2
+from longlora_hf.attention import S2AttentionSettings, s2, sequence_parallel
 from longlora_hf.attention.s2 import s2_attention_forward, s2_layout
 
 TOLERANCE = 1e-10
@@ -284,9 +284,10 @@ def test_unknown_inner_backend_is_refused():
         S2AttentionSettings(inner_attn_implementation="eager")
 
 
-def test_a_dense_call_without_a_mask_keeps_the_documents_its_position_ids_mark():
-    """Under sequence parallelism DeepSpeed drops every mask, in evaluation too: the dense path reads the packed
-    documents (and pads given restarting position ids, as TRL's collator makes them) from the position ids."""
+def test_under_sequence_parallelism_a_dense_call_without_a_mask_keeps_the_documents_its_position_ids_mark(monkeypatch):
+    """DeepSpeed's wrapper drops every mask, in evaluation too: the dense path reads the packed documents (and pads
+    given restarting position ids, as TRL's collator makes them) from the position ids."""
+    monkeypatch.setattr(s2, "ulysses_group", lambda: (0, 2))  # this process runs sequence parallelism
     heads, n = 4, 24
     query, key, value = qkv(2, heads, 2, n)
     position_ids = torch.stack([torch.cat([torch.arange(11), torch.arange(13)]), torch.cat([torch.arange(20), torch.zeros(4, dtype=torch.long)])])
@@ -295,14 +296,24 @@ def test_a_dense_call_without_a_mask_keeps_the_documents_its_position_ids_mark()
     torch.testing.assert_close(out, masked_attention(query, key, value, mask), atol=TOLERANCE, rtol=0)
 
 
+def test_without_sequence_parallelism_a_dense_call_without_a_mask_is_the_inner_backends():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    query, key, value = qkv(1, 4, 2, 24)
+    module = attention_module(training=False)
+    module.num_key_value_groups = 2
+    position_ids = torch.cat([torch.arange(11), torch.arange(13)])[None]
+    out, _ = s2_attention_forward(module, query, key, value, None, position_ids=position_ids)
+    dense, _ = sdpa_attention_forward(module, query, key, value, None, position_ids=position_ids)
+    assert torch.equal(out, dense)
+
+
 def test_calls_without_a_mask_share_a_layout_when_their_position_ids_have_the_same_values(monkeypatch):
     """DeepSpeed's wrapper gathers a new position-id tensor for every layer: the layout is built once for them."""
-    import threading
-
     built = []
     original = s2.s2_layout
     monkeypatch.setattr(s2, "s2_layout", lambda *a, **k: built.append(1) or original(*a, **k))
-    monkeypatch.setattr(s2, "_without_mask", threading.local(), raising=False)  # nothing remembered from other tests
+    monkeypatch.setattr(s2, "_without_mask", [])  # nothing remembered from other tests
     query, key, value = qkv(1, 4, 2, 24)
     ids = torch.cat([torch.arange(11), torch.arange(13)])[None]
     for _ in range(3):  # three layers, each with its own copy
@@ -310,3 +321,27 @@ def test_calls_without_a_mask_share_a_layout_when_their_position_ids_have_the_sa
     assert len(built) == 1
     s2_attention_forward(attention_module(), query, key, value, None, position_ids=torch.arange(24)[None])
     assert len(built) == 2
+
+
+@pytest.mark.parametrize("heads,kv_heads,ranks", [(4, 2, 2), (4, 1, 2), (6, 3, 3), (8, 4, 4), (18, 9, 3), (4, 1, 4)])
+def test_a_sequence_parallel_rank_runs_its_heads_as_the_whole_model_runs_them(heads, kv_heads, ranks, monkeypatch):
+    """Each rank of DeepSpeed's Ulysses gets the whole sequence for heads [r*H/P, (r+1)*H/P) and their kv heads
+    (repeated when there are fewer kv heads than ranks): its output is that slice of the single-process output,
+    also where the unshifted/shifted boundary falls inside a rank (6/3 heads over 3, 18/9 over 3)."""
+    n = 48
+    query, key, value = qkv(2, heads, kv_heads, n)
+    module = attention_module()
+    module.config.num_attention_heads = heads
+    whole, _ = s2_attention_forward(module, query, key, value, None)
+    expected = s2_reference_mask(torch.ones(2, n, dtype=torch.bool), heads)
+    torch.testing.assert_close(whole, masked_attention(query, key, value, expected), atol=TOLERANCE, rtol=0)
+    share = heads // ranks
+    repeat = max(ranks // kv_heads, 1)  # DeepSpeed repeats each kv head over `repeat` ranks
+    kv_share = max(kv_heads // ranks, 1)
+    for rank in range(ranks):
+        monkeypatch.setattr(sequence_parallel, "ulysses_group", lambda rank=rank: (rank, ranks))
+        kv = slice((rank // repeat) * kv_share, (rank // repeat + 1) * kv_share) if repeat > 1 else slice(rank * kv_share, (rank + 1) * kv_share)
+        out, _ = s2_attention_forward(
+            module, query[:, rank * share : (rank + 1) * share], key[:, kv], value[:, kv], None, position_ids=torch.arange(n)[None]
+        )
+        torch.testing.assert_close(out, whole[:, :, rank * share : (rank + 1) * share], atol=TOLERANCE, rtol=0)

@@ -283,3 +283,31 @@ def test_sp_size_is_checked_against_the_launch(value, environment, message, monk
     with pytest.raises(ValueError) as error:
         check_sp_size(value, SimpleNamespace(model_name_or_path="unused/hub-id"), SimpleNamespace(trust_remote_code=False))
     assert message in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "configured,model_runs,wrapped",
+    [(None, "s2", "s2"), ("sdpa", "s2", "s2"), (None, "sdpa", "sdpa"), ("flash_attention_2", "sdpa", "flash_attention_2")],
+)
+def test_deepspeed_wraps_the_attention_the_model_runs(configured, model_runs, wrapped):
+    """accelerate's sequence-parallel config refuses "s2" by name; LongLoraCallback sets it once the model runs S2
+    (`longlora-hf sft` configures "sdpa", a user's ParallelismConfig none)."""
+    from accelerate.parallelism_config import ParallelismConfig
+    from accelerate.utils import DeepSpeedSequenceParallelConfig
+
+    from longlora_hf.training.sequence_parallel import use_model_attention_under_sp
+
+    with pytest.raises(ValueError, match="Invalid sp_attn_implementation: s2"):
+        DeepSpeedSequenceParallelConfig(sp_attn_implementation="s2")  # the refusal this works around
+    config = ParallelismConfig(sp_size=2, sp_backend="deepspeed", sp_handler=DeepSpeedSequenceParallelConfig(sp_attn_implementation=configured))
+    use_model_attention_under_sp(config, model_runs)
+    assert config.sp_handler.sp_attn_implementation == wrapped
+
+
+def test_the_256k_recipe_splits_llama_3_1_8b_over_its_ranks():
+    import yaml
+
+    recipe = yaml.safe_load((ROOT / "trainer_configs" / "recipes" / "llama3_1_8b_256k_sp8.yaml").read_text())
+    llama_3_1_8b = tiny_config("llama", num_attention_heads=32, num_key_value_heads=8, hidden_size=32 * 8)
+    check_sequence_parallel_heads(llama_3_1_8b, recipe["sp_size"])
+    assert recipe["max_length"] % recipe["sp_size"] == 0 and recipe["max_length"] > 131072  # past the model's own context

@@ -20,13 +20,18 @@ the flash-attn varlen layout); the SDPA path runs the same layout bucketed by gr
 Computing a layout is host-side work with a device-to-host copy, so it is done once per forward pass,
 not once per layer: in training, the mask function registered for "s2" wraps the inner backend's mask
 in an `S2Mask`, which transformers hands to every layer of one forward and which keeps the layouts
-computed from it. They live as long as that forward; nothing is shared between forwards, models or
-threads.
+computed from it. They live as long as that forward.
 
 Evaluation, generation (no gradients) and any call whose keys outnumber its queries (a KV cache) use
 exact dense attention through the inner backend ("sdpa" by default). A training forward is one started
 with gradients enabled: its `S2Mask` keeps S2 on in the layers that reentrant gradient checkpointing runs
 without gradients, so their forward and their recomputation agree.
+
+Under DeepSpeed's Ulysses sequence parallelism (`sequence_parallel.py`) a call holds the whole sequence
+for a share of the heads, placed by their index in the whole model, and no mask: DeepSpeed drops it. There
+a call trains whenever its module is in training mode, the layout is remembered by the values of the
+position ids (`layout_without_mask`), and dense calls read packed documents and padding from position ids
+that restart.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ import torch.nn.functional as F
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .sequence_parallel import heads_held
+from .sequence_parallel import heads_held, model_heads, ulysses_group
 from .settings import S2AttentionSettings
 
 
@@ -213,8 +218,10 @@ class S2Mask:
         return layout
 
 
-# The layouts of the last calls without a mask, per thread: [(position ids (a copy), key, layout)].
-_without_mask = threading.local()
+# The layouts of the last calls without a mask: [(position ids (a copy), key, layout)]. Shared by threads (the
+# recomputation of checkpointed layers can run on autograd's device thread): an entry is used for equal values only.
+_without_mask: list[tuple[torch.Tensor | None, tuple, S2Layout]] = []
+_without_mask_lock = threading.Lock()
 _REMEMBERED = 2  # the training layout and the documents of a dense call can alternate
 
 
@@ -226,19 +233,18 @@ def layout_without_mask(
     This is the case under sequence parallelism, where DeepSpeed drops the mask and hands every layer a newly
     gathered `position_ids` tensor: no object ties the layers of one forward together, so the layout is
     remembered by the *values* of the position ids (kept as a copy), the sizes, device and settings, for the last
-    calls of this thread. The first layer of a forward computes it; the others compare the position ids (O(seq),
-    on their device) and reuse it. A buffer refilled in place between calls no longer compares equal.
+    two calls. The first layer of a forward computes it; the others compare the position ids (O(seq), on their
+    device) and reuse it. A buffer refilled in place between calls no longer compares equal.
     """
     key = (batch, seq, device, astuple(settings))
-    remembered = getattr(_without_mask, "layouts", None)
-    if remembered is None:
-        remembered = _without_mask.layouts = []
-    for known_ids, known_key, layout in remembered:
-        if known_key == key and _same_values(known_ids, position_ids):
-            return layout
+    with _without_mask_lock:
+        for known_ids, known_key, layout in _without_mask:
+            if known_key == key and _same_values(known_ids, position_ids):
+                return layout
     layout = s2_layout(torch.ones(batch, seq, dtype=torch.bool), position_ids, settings, device)
-    remembered.insert(0, (None if position_ids is None else position_ids.detach().clone(), key, layout))
-    del remembered[_REMEMBERED:]
+    with _without_mask_lock:
+        _without_mask.insert(0, (None if position_ids is None else position_ids.detach().clone(), key, layout))
+        del _without_mask[_REMEMBERED:]
     return layout
 
 
@@ -396,15 +402,15 @@ def _dense(
 ) -> tuple[torch.Tensor, None]:
     """Exact dense causal attention through the inner backend.
 
-    A call with no mask whose position ids restart inside a row (packed documents; padding given restarting ids,
-    as TRL's collator does) gets attention within each document, as transformers' own mask would have made it:
-    under sequence parallelism DeepSpeed drops the mask, and evaluation runs through the same wrapper. flash-attn
-    finds the documents from the position ids itself."""
+    Under sequence parallelism DeepSpeed's wrapper drops the mask in evaluation too (accelerate runs each rank's
+    own whole rows there): a call with no mask whose position ids restart inside a row (packed documents, and
+    pads given restarting ids, as TRL's collator makes them) then gets attention within each document, as the
+    mask would have given. Outside sequence parallelism the call is the inner backend's, unchanged."""
     mask = attention_mask.inner if isinstance(attention_mask, S2Mask) else attention_mask
     batch, heads, seq, _ = query.shape
     if (
         mask is None
-        and settings.inner_attn_implementation == "sdpa"
+        and ulysses_group() is not None  # DeepSpeed's wrapper dropped the mask
         and is_causal is not False
         and getattr(module, "is_causal", True)
         and seq == key.shape[2]
@@ -416,7 +422,10 @@ def _dense(
         documents = replace(settings, group_size_ratio=1.0, group_size=None, shift=False)  # one group per document
         layout = layout_without_mask(position_ids, batch, seq, documents, query.device)
         q, k, v = (x.transpose(1, 2).reshape(batch * seq, x.shape[1], x.shape[3]) for x in (query, key, value))
-        out = sdpa_varlen(q, k, v, layout.runs[0], dropout, scaling, sliding_window)
+        if settings.inner_attn_implementation == "flash_attention_2":
+            out = flash_varlen(q, k, v, layout.cu_seqlens[0], layout.max_seqlen[0], dropout, scaling, sliding_window)
+        else:
+            out = sdpa_varlen(q, k, v, layout.runs[0], dropout, scaling, sliding_window)
         return out.view(batch, seq, heads, value.shape[-1]), None
     if is_causal is not None:
         kwargs["is_causal"] = is_causal
@@ -451,8 +460,7 @@ def s2_attention_forward(
     q_len, kv_len = query.shape[2], key.shape[2]
     # Under Ulysses sequence parallelism this call holds the whole sequence for a share of the heads, and no mask
     # (DeepSpeed drops it): whether it trains is the module's mode, since no S2Mask can mark a training forward.
-    model_heads = getattr(module.config, "num_attention_heads", None)
-    sequence_parallel = isinstance(model_heads, int) and query.shape[1] != model_heads
+    sequence_parallel = query.shape[1] != model_heads(module.config, query.shape[1])
     # Otherwise `s2_mask` makes an S2Mask only for a forward started with gradients, so the mask still says
     # "training" inside a layer that reentrant gradient checkpointing runs without them (its recomputation has them).
     training = module.training and (

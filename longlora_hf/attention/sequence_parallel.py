@@ -28,15 +28,23 @@ def ulysses_group() -> tuple[int, int] | None:
     return state.get_sequence_parallel_rank(), state.get_sequence_parallel_world_size()
 
 
+def model_heads(config, heads_here: int) -> int:
+    """The query heads of the whole model, from the attention module's config (its text config when it is
+    composite); `heads_here` when the config does not say."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    total = getattr(config, "num_attention_heads", None)
+    return total if isinstance(total, int) and not isinstance(total, bool) else heads_here
+
+
 def heads_held(config, heads_here: int) -> tuple[int, int]:
     """(global index of the first query head of this call, query heads of the whole model).
 
     `heads_here` is the number of query heads the attention function received; `config` the attention module's
     config. All heads: (0, H). A 1/P share under Ulysses sequence parallelism: (rank * H/P, H). Any other share
     (a split S2 cannot place, e.g. tensor parallelism) is refused: S2 would shift the wrong heads."""
-    total = getattr(config, "num_attention_heads", None)
-    if not isinstance(total, int) or isinstance(total, bool) or heads_here == total:
-        return 0, heads_here
+    total = model_heads(config, heads_here)
+    if heads_here == total:
+        return 0, total
     group = ulysses_group()
     if group is None or heads_here * group[1] != total:
         held = "no DeepSpeed sequence-parallel group" if group is None else f"a sequence-parallel group of {group[1]}"
@@ -46,34 +54,29 @@ def heads_held(config, heads_here: int) -> tuple[int, int]:
             "under DeepSpeed's Ulysses sequence parallelism (ALST) only; train other head splits (tensor parallelism) "
             "with attn_implementation='sdpa'."
         )
-    rank, size = group
+    rank, _ = group
     return rank * heads_here, total
 
 
+def splits(heads: int, kv_heads: int, size: int) -> bool:
+    """Whether DeepSpeed's Ulysses can split `heads` query and `kv_heads` key/value heads over `size` ranks: the
+    query heads evenly, the key/value heads evenly or each repeated over a whole number of ranks."""
+    return heads % size == 0 and (kv_heads % size == 0 or size % kv_heads == 0)
+
+
 def valid_sp_sizes(heads: int, kv_heads: int, most: int = 64) -> list[int]:
-    """The sequence-parallel sizes (2 .. `most`) that can split `heads` query and `kv_heads` key/value heads as
-    DeepSpeed's Ulysses does: the query heads evenly, and the key/value heads evenly or each repeated over a
-    whole number of ranks."""
-    return [
-        size for size in range(2, most + 1)
-        if heads % size == 0 and (kv_heads % size == 0 or size % kv_heads == 0)
-    ]
+    """The sequence-parallel sizes from 2 to `most` that split the heads (`splits`)."""
+    return [size for size in range(2, most + 1) if splits(heads, kv_heads, size)]
 
 
 def check_sequence_parallel_heads(config, sp_size: int, owner: str = "the model") -> None:
     """Refuse an `sp_size` that cannot split the model's attention heads, naming the sizes and the valid
-    `sp_size` values. `config`: the model's (text) config."""
+    `sp_size` values. `config`: the model's config. (S2's own rule, an even number of heads, is checked when S2
+    is switched on.)"""
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = getattr(config, "num_attention_heads", None)
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    if sp_size <= 1 or not isinstance(heads, int):
-        return
-    if heads % 2:
-        raise ValueError(
-            f"S2-Attn splits the attention heads into two halves, so their number must be even; {owner} has "
-            f"num_attention_heads={heads}."
-        )
-    if heads % sp_size == 0 and (kv_heads % sp_size == 0 or sp_size % kv_heads == 0):
+    if sp_size <= 1 or not isinstance(heads, int) or splits(heads, kv_heads, sp_size):
         return
     valid = valid_sp_sizes(heads, kv_heads)
     reason = (

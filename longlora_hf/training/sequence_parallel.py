@@ -40,15 +40,17 @@ def sequence_parallel_handler():
 
 
 def use_model_attention_under_sp(parallelism_config, attn_implementation: str) -> None:
-    """Make the attention DeepSpeed wraps the one the model runs, when the model runs "s2" (which accelerate's
-    validator refuses at construction). Another choice is left to accelerate and DeepSpeed to check."""
+    """Make the attention DeepSpeed wraps the one the model runs: "s2" when the model runs S2 (accelerate's
+    validator refuses it at construction), the model's own when none was configured. Another explicit choice
+    on a model without S2 is left to accelerate and DeepSpeed to check."""
     handler = parallelism_config.sp_handler
-    if attn_implementation != S2_ATTN_IMPLEMENTATION or handler.sp_attn_implementation == attn_implementation:
+    configured = handler.sp_attn_implementation
+    if configured == attn_implementation or (configured is not None and attn_implementation != S2_ATTN_IMPLEMENTATION):
         return
-    if handler.sp_attn_implementation not in (None, "sdpa"):
+    if configured not in (None, "sdpa"):
         logger.warning(
             f"LongLoRA: the model runs S2-Attn, so sequence parallelism wraps 's2' (not the configured "
-            f"sp_attn_implementation={handler.sp_attn_implementation!r}, which S2 runs inside its groups)."
+            f"sp_attn_implementation={configured!r}; S2 runs its inner kernel inside its groups)."
         )
     handler.sp_attn_implementation = attn_implementation
 
@@ -72,15 +74,34 @@ def check_sequence_length_divides(args, sp_size: int) -> None:
         )
 
 
-def prepare_sequence_parallel(model, args) -> int:
+def prepare_sequence_parallel(model, args) -> None:
     """Before accelerate prepares `model` under DeepSpeed sequence parallelism: check that its heads split, that
-    batches will, wrap the attention the model runs, start `deepspeed.comm`. Returns sp_size (1: no SP)."""
+    batches will, wrap the attention the model runs, start `deepspeed.comm`."""
     config = sequence_parallel_handler()
     if config is None:
-        return 1
+        return
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     check_sequence_parallel_heads(base.config, config.sp_size, type(base).__name__)
     check_sequence_length_divides(args, config.sp_size)
     use_model_attention_under_sp(config, base.config._attn_implementation)
     start_deepspeed_comm()
-    return config.sp_size
+
+
+def use_sequence_parallelism(training_args, sp_size: int, attn_implementation: str | None) -> None:
+    """What `longlora-hf sft --sp_size` sets on TRL's arguments: the Trainer's accelerator runs DeepSpeed sequence
+    parallelism over sp_size ranks, and TRL pads every batch to a multiple of sp_size so that it splits evenly.
+    `attn_implementation`: the attention DeepSpeed wraps, None to leave it to `LongLoraCallback` (the model's own,
+    "s2" once LongLoRA switched it on). On a CPU every batch is padded to max_length: DeepSpeed's data adapter
+    gathers the batches of the ranks, which gloo (unlike NCCL) refuses when their lengths differ."""
+    import math
+
+    import torch
+    from accelerate.parallelism_config import ParallelismConfig
+    from accelerate.utils import DeepSpeedSequenceParallelConfig
+
+    handler = DeepSpeedSequenceParallelConfig(sp_seq_length_is_variable=True, sp_attn_implementation=attn_implementation)
+    training_args.parallelism_config = ParallelismConfig(sp_size=sp_size, sp_backend="deepspeed", sp_handler=handler)
+    multiple = math.lcm(training_args.pad_to_multiple_of or 1, sp_size)
+    if (training_args.use_cpu or not torch.cuda.is_available()) and training_args.max_length:
+        multiple = math.lcm(multiple, training_args.max_length)
+    training_args.pad_to_multiple_of = multiple
