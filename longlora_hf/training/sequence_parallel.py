@@ -26,14 +26,17 @@ from ..attention.sequence_parallel import check_sequence_parallel_heads
 logger = logging.getLogger(__name__)
 
 
-def sequence_parallel_handler():
-    """The parallelism config accelerate's Accelerator runs with, when it is DeepSpeed sequence parallelism with
-    sp_size > 1: (ParallelismConfig); else None."""
+def sequence_parallel_config():
+    """The `ParallelismConfig` accelerate's Accelerator runs with, when it is DeepSpeed sequence parallelism with
+    sp_size > 1; else None."""
     from accelerate.state import AcceleratorState
 
     if AcceleratorState._shared_state == {}:
         return None
-    config = getattr(AcceleratorState(), "parallelism_config", None)
+    try:
+        config = getattr(AcceleratorState(), "parallelism_config", None)
+    except ValueError:  # an AcceleratorState left half-built (created outside an Accelerator): no Trainer's config
+        return None
     if config is None or config.sp_backend != "deepspeed" or not config.sp_size or config.sp_size <= 1:
         return None
     return config
@@ -77,7 +80,7 @@ def check_sequence_length_divides(args, sp_size: int) -> None:
 def prepare_sequence_parallel(model, args) -> None:
     """Before accelerate prepares `model` under DeepSpeed sequence parallelism: check that its heads split, that
     batches will, wrap the attention the model runs, start `deepspeed.comm`."""
-    config = sequence_parallel_handler()
+    config = sequence_parallel_config()
     if config is None:
         return
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
