@@ -396,6 +396,18 @@ def check_even_heads(heads: int, owner: str) -> None:
         )
 
 
+def _tokens(x: torch.Tensor) -> torch.Tensor:
+    """[batch, heads, seq, dim] -> [batch * seq, heads, dim]: the token-major layout of the grouped kernels."""
+    return x.transpose(1, 2).reshape(x.shape[0] * x.shape[2], x.shape[1], x.shape[3])
+
+
+def _attend_in_groups(q, k, v, layout: S2Layout, half: int, settings, dropout, scaling, sliding_window) -> torch.Tensor:
+    """Causal attention inside the groups of `half` of `layout`, with the inner kernel: [tokens, heads, dim]."""
+    if settings.inner_attn_implementation == "flash_attention_2":
+        return flash_varlen(q, k, v, layout.cu_seqlens[half], layout.max_seqlen[half], dropout, scaling, sliding_window)
+    return sdpa_varlen(q, k, v, layout.runs[half], dropout, scaling, sliding_window)
+
+
 def _dense(
     module, query, key, value, attention_mask, settings, dropout, scaling, is_causal, sliding_window, position_ids,
     **kwargs,
@@ -421,11 +433,8 @@ def _dense(
     ):
         documents = replace(settings, group_size_ratio=1.0, group_size=None, shift=False)  # one group per document
         layout = layout_without_mask(position_ids, batch, seq, documents, query.device)
-        q, k, v = (x.transpose(1, 2).reshape(batch * seq, x.shape[1], x.shape[3]) for x in (query, key, value))
-        if settings.inner_attn_implementation == "flash_attention_2":
-            out = flash_varlen(q, k, v, layout.cu_seqlens[0], layout.max_seqlen[0], dropout, scaling, sliding_window)
-        else:
-            out = sdpa_varlen(q, k, v, layout.runs[0], dropout, scaling, sliding_window)
+        q, k, v = (_tokens(x) for x in (query, key, value))
+        out = _attend_in_groups(q, k, v, layout, 0, settings, dropout, scaling, sliding_window)
         return out.view(batch, seq, heads, value.shape[-1]), None
     if is_causal is not None:
         kwargs["is_causal"] = is_causal
@@ -489,7 +498,7 @@ def s2_attention_forward(
         # of its forward, so it gets a layout of its own.
         layout = S2Mask(attention_mask).layout(position_ids, batch, seq, settings, query.device)
     # [batch, heads, seq, dim] -> [batch * seq, heads, dim], then keep the real tokens only.
-    q, k, v = (x.transpose(1, 2).reshape(batch * seq, x.shape[1], x.shape[3]) for x in (query, key, value))
+    q, k, v = (_tokens(x) for x in (query, key, value))
     if layout.token_index is not None:
         q, k, v = (x.index_select(0, layout.token_index) for x in (q, k, v))
 
@@ -502,15 +511,8 @@ def s2_attention_forward(
     )
     outputs = []
     for half, q_part, k_part, v_part in parts:
-        if q_part.shape[1] == 0:
-            continue
-        if settings.inner_attn_implementation == "flash_attention_2":
-            out = flash_varlen(
-                q_part, k_part, v_part, layout.cu_seqlens[half], layout.max_seqlen[half], dropout, scaling, sliding_window
-            )
-        else:
-            out = sdpa_varlen(q_part, k_part, v_part, layout.runs[half], dropout, scaling, sliding_window)
-        outputs.append(out)
+        if q_part.shape[1]:
+            outputs.append(_attend_in_groups(q_part, k_part, v_part, layout, half, settings, dropout, scaling, sliding_window))
     out = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]  # [tokens, heads, value_dim]
 
     if layout.token_index is not None:
