@@ -8,7 +8,7 @@ from .attention import (
     use_s2_attention,
 )
 from . import metrics
-from .tuner import LongLoraConfig, register_tuner, save_as_plain_lora
+from .tuner import LongLoraConfig, load_plain_lora, register_tuner, save_as_plain_lora
 
 __version__ = "0.1.0"
 
@@ -30,6 +30,7 @@ __all__ = [
     "metrics",
     "register",
     "s2_attention_forward",
+    "load_plain_lora",
     "save_as_plain_lora",
     "use_s2_attention",
 ]

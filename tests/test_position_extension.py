@@ -355,7 +355,7 @@ def test_a_second_adapter_with_another_position_extension_is_refused_and_the_fir
     with torch.no_grad():
         expected = model(ids).logits
     rope = model.get_base_model().config.rope_parameters
-    with pytest.raises(ValueError, match=r"trained over RoPE default .* extended to linear \(factor 4.*but the base model has linear \(factor 2"):
+    with pytest.raises(ValueError, match=r"RoPE default .* to linear \(factor 4.*other LongLoRA adapters run it extended to linear \(factor 2"):
         model.load_adapter(tmp_path / "other", "other")
     model.load_adapter(tmp_path / "same", "same")
     model.set_adapter("default")

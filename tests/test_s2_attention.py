@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict
 from types import SimpleNamespace
 
@@ -246,11 +247,87 @@ def test_a_kv_cache_call_is_dense_even_in_training():
     torch.testing.assert_close(out, masked_attention(query, key, value, full), atol=TOLERANCE, rtol=0)
 
 
-def test_an_odd_number_of_heads_is_refused_in_training():
-    query, key, value = qkv(1, 3, 3, 16)
-    message = r"must be even; .* has num_attention_heads=3\. Use attn_implementation='sdpa'"
+@pytest.mark.parametrize("heads,kv_heads", [(9, 3), (15, 5), (3, 1), (5, 5), (9, 9), (7, 1)])
+@pytest.mark.parametrize("flash", [False, True], ids=["sdpa", "flash"])
+def test_an_odd_number_of_heads_shifts_heads_h_over_2_to_h_as_the_reference_code(heads, kv_heads, flash, monkeypatch):
+    """SmolLM2-135M (9 query / 3 kv heads) and -360M (15 / 5): heads [0, H // 2) unshifted, [H // 2, H) shifted,
+    a kv head serving both halves read by each; on the SDPA path and the flash varlen path (a CPU stand-in)."""
+    n = 32
+    query, key, value = qkv(2, heads, kv_heads, n)
+    if flash:
+        monkeypatch.setattr(s2, "_load_flash_varlen", lambda: varlen_stand_in([]))
+    module = attention_module(inner_attn_implementation="flash_attention_2" if flash else "sdpa")
+    out, _ = s2_attention_forward(module, query, key, value, None)
+    mask = s2_reference_mask(torch.ones(2, n, dtype=torch.bool), heads)
+    assert mask[0, heads // 2 - 1].ne(mask[0, heads // 2]).any()  # the reference does split there
+    torch.testing.assert_close(out, masked_attention(query, key, value, mask), atol=TOLERANCE, rtol=0)
+
+
+def reference_with_sinks(query, key, value, mask, sinks):
+    """The float64 reference of attention with one sink logit per head (gpt-oss's eager attention): the sink joins
+    each softmax as an extra column and is dropped from the weights."""
+    query, key, value = (x.double() for x in (query, key, value))
+    repeat = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(repeat, 1), value.repeat_interleave(repeat, 1)
+    scores = (query @ key.transpose(-1, -2)) * query.shape[-1] ** -0.5
+    scores = scores.masked_fill(~mask, -math.inf)
+    sink = sinks.double().view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+    weights = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    return (weights @ value).transpose(1, 2)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (9, 3), (4, 1)])
+@pytest.mark.parametrize("flash", [False, True], ids=["sdpa", "flash"])
+@pytest.mark.parametrize("window", [None, 5])
+def test_attention_sinks_join_the_softmax_of_every_group(heads, kv_heads, flash, window, monkeypatch):
+    """gpt-oss passes one sink logit per head (`s_aux`): S2 keeps it in each group's softmax, on both inner kernels
+    (the flash path runs sinks through SDPA: flash-attn's varlen API has none), with sliding windows too."""
+    n = 32
+    query, key, value = qkv(2, heads, kv_heads, n, requires_grad=True)
+    sinks = torch.randn(heads, dtype=torch.float64, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    calls = []
+    monkeypatch.setattr(s2, "_load_flash_varlen", lambda: varlen_stand_in(calls))
+    module = attention_module(inner_attn_implementation="flash_attention_2" if flash else "sdpa")
+    out, _ = s2_attention_forward(module, query, key, value, None, s_aux=sinks, sliding_window=window)
+    mask = s2_reference_mask(torch.ones(2, n, dtype=torch.bool), heads, sliding_window=window)
+    expected = reference_with_sinks(query, key, value, mask, sinks)
+    torch.testing.assert_close(out, expected, atol=TOLERANCE, rtol=0)
+    assert calls == []  # no flash call could have honoured the sinks
+    got = torch.autograd.grad(out.sum(), sinks)[0]
+    torch.testing.assert_close(got, torch.autograd.grad(expected.sum(), sinks)[0], atol=TOLERANCE, rtol=0)
+    assert (out - masked_attention(query, key, value, mask)).abs().max() > 1e-3  # the sinks matter here
+
+
+@pytest.mark.parametrize("kv_len", [16, 20])
+def test_dense_attention_with_sinks_keeps_them_in_evaluation_and_with_a_cache(kv_len):
+    """transformers' SDPA function ignores `s_aux`: S2's dense path (evaluation, generation) computes them itself."""
+    query, _, _ = qkv(1, 4, 2, 16)
+    _, key, value = qkv(1, 4, 2, kv_len, seed=1)
+    sinks = torch.randn(4, dtype=torch.float64)
+    out, _ = s2_attention_forward(attention_module(training=False), query, key, value, None, s_aux=sinks)
+    causal = torch.ones(16, kv_len, dtype=torch.bool).tril(kv_len - 16).expand(1, 4, 16, kv_len)
+    torch.testing.assert_close(out, reference_with_sinks(query, key, value, causal, sinks), atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "argument", [dict(softcap=30.0), dict(head_mask=torch.ones(4)), dict(attention_bias=torch.zeros(1, 4, 16, 16))]
+)
+def test_an_attention_argument_s2_does_not_implement_is_refused_in_training(argument):
+    query, key, value = qkv(1, 4, 4, 16)
+    name = next(iter(argument))
+    message = rf"does not implement the attention argument {name}=.*would ignore it.*use_s2_attn=False"
     with pytest.raises(ValueError, match=message):
-        s2_attention_forward(attention_module(), query, key, value, None)
+        s2_attention_forward(attention_module(), query, key, value, None, **argument)
+
+
+def test_bookkeeping_arguments_and_unset_ones_pass():
+    query, key, value = qkv(1, 4, 4, 16)
+    out, _ = s2_attention_forward(
+        attention_module(), query, key, value, None, softcap=None, use_cache=False, output_attentions=False,
+        cache_position=torch.arange(16), position_ids=torch.arange(16)[None],
+    )
+    mask = s2_reference_mask(torch.ones(1, 16, dtype=torch.bool), 4)
+    torch.testing.assert_close(out, masked_attention(query, key, value, mask), atol=TOLERANCE, rtol=0)
 
 
 def test_non_causal_attention_is_refused_in_training():
@@ -323,11 +400,14 @@ def test_calls_without_a_mask_share_a_layout_when_their_position_ids_have_the_sa
     assert len(built) == 2
 
 
-@pytest.mark.parametrize("heads,kv_heads,ranks", [(4, 2, 2), (4, 1, 2), (6, 3, 3), (8, 4, 4), (18, 9, 3), (4, 1, 4)])
+@pytest.mark.parametrize(
+    "heads,kv_heads,ranks", [(4, 2, 2), (4, 1, 2), (6, 3, 3), (8, 4, 4), (18, 9, 3), (4, 1, 4), (9, 3, 3), (15, 5, 5)]
+)
 def test_a_sequence_parallel_rank_runs_its_heads_as_the_whole_model_runs_them(heads, kv_heads, ranks, monkeypatch):
     """Each rank of DeepSpeed's Ulysses gets the whole sequence for heads [r*H/P, (r+1)*H/P) and their kv heads
     (repeated when there are fewer kv heads than ranks): its output is that slice of the single-process output,
-    also where the unshifted/shifted boundary falls inside a rank (6/3 heads over 3, 18/9 over 3)."""
+    also where the unshifted/shifted boundary falls inside a rank (6/3 heads over 3, 18/9 over 3, and the odd
+    SmolLM2 shapes 9/3 over 3 and 15/5 over 5, whose boundary H // 2 falls inside a rank)."""
     n = 48
     query, key, value = qkv(2, heads, kv_heads, n)
     module = attention_module()

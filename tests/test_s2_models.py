@@ -430,10 +430,21 @@ def test_a_model_that_uses_the_mask_as_a_tensor_fails_clearly_when_switched_to_s
         model(torch.randint(4, 128, (1, 16)))
 
 
-def test_an_odd_number_of_heads_is_refused():
-    model = transformers.LlamaForCausalLM(tiny_config("llama", num_attention_heads=3, num_key_value_heads=1, hidden_size=24))
-    with pytest.raises(ValueError, match=r"must be even; LlamaForCausalLM has num_attention_heads=3\."):
-        use_s2_attention(model)
+@pytest.mark.parametrize(
+    "heads,kv_heads", [(9, 3), (15, 5)], ids=["smollm2-135m-heads", "smollm2-360m-heads"]
+)
+def test_smollm2s_odd_head_counts_train_with_s2_as_the_reference_partition(heads, kv_heads):
+    """SmolLM2 (Llama architecture) has 9 / 3 and 15 / 5 query / kv heads: S2 shifts heads [H // 2, H)."""
+    model = tiny_model("llama", num_attention_heads=heads, num_key_value_heads=kv_heads, hidden_size=8 * heads).double()
+    ids, attention_mask = batch()
+    register_reference(attention_mask.bool())
+    model.set_attn_implementation("s2_reference")
+    model.train()
+    expected = model(ids, attention_mask=attention_mask).logits
+    use_s2_attention(model)
+    got = model(ids, attention_mask=attention_mask).logits
+    real = attention_mask.bool()
+    torch.testing.assert_close(got[real], expected[real], atol=1e-10, rtol=0)
 
 
 def test_bad_settings_leave_the_model_unchanged():

@@ -6,7 +6,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from .s2 import S2Layout, S2Mask, check_causal, check_group_size, check_even_heads, s2_attention_forward, s2_layout, s2_mask
+from .s2 import S2Layout, S2Mask, check_attention_kwargs, check_causal, check_group_size, s2_attention_forward, s2_layout, s2_mask
 from .settings import (
     INNER_ATTN_IMPLEMENTATIONS,
     S2_ATTN_IMPLEMENTATION,
@@ -21,6 +21,7 @@ __all__ = [
     "S2AttentionSettings",
     "S2Layout",
     "S2Mask",
+    "check_attention_kwargs",
     "check_group_size",
     "check_s2_compatible",
     "inner_attn_implementation_for",
@@ -58,9 +59,6 @@ def check_s2_compatible(model: torch.nn.Module) -> None:
         )
     causal_flags = [m.is_causal for m in model.modules() if isinstance(getattr(m, "is_causal", None), bool)]
     check_causal(not causal_flags or any(causal_flags), f"every attention layer of {type(model).__name__}")
-    heads = getattr(model.config.get_text_config(), "num_attention_heads", None)
-    if isinstance(heads, int):
-        check_even_heads(heads, type(model).__name__)
 
 
 def use_s2_attention(

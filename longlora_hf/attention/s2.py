@@ -280,6 +280,38 @@ def _sliding_window_mask(length: int, window: int, device) -> torch.Tensor:
     return (offsets >= 0) & (offsets < window)
 
 
+def _causal_mask(length: int, device) -> torch.Tensor:
+    return torch.ones(length, length, dtype=torch.bool, device=device).tril()
+
+
+def sdpa_with_sinks(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    allowed: torch.Tensor,
+    sinks: torch.Tensor,
+    dropout: float,
+    scaling: float | None,
+) -> torch.Tensor:
+    """SDPA whose softmax includes one sink logit per head, as gpt-oss's eager attention computes it: the sink
+    joins the normalisation and contributes no value (the weights of the real keys sum to less than 1).
+
+    query [batch, heads, q, dim], key/value [batch, kv_heads, kv, dim], allowed: bool, broadcastable to
+    [batch, heads, q, kv]; sinks [heads] -> [batch, heads, q, value_dim]. SDPA has no sink argument: a zero key
+    and value are appended, whose score is set to the sink logit by the additive mask (zero key: score 0, plus
+    the bias), so its weight is exp(sink) / Z and it adds nothing to the output."""
+    batch, heads, q_len, _ = query.shape
+    kv_len = key.shape[2]
+    bias = torch.zeros((), dtype=query.dtype, device=query.device).masked_fill(~allowed, float("-inf"))
+    bias = bias.expand(batch, heads, q_len, kv_len)
+    sink = sinks.to(query.dtype).view(1, heads, 1, 1).expand(batch, heads, q_len, 1)
+    key, value = F.pad(key, (0, 0, 0, 1)), F.pad(value, (0, 0, 0, 1))  # [.., kv + 1, ..]: the sink's zero token
+    return F.scaled_dot_product_attention(
+        query, key, value, attn_mask=torch.cat([bias, sink], dim=-1), dropout_p=dropout, scale=scaling,
+        enable_gqa=query.shape[1] != key.shape[1],
+    )
+
+
 def sdpa_varlen(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -288,8 +320,11 @@ def sdpa_varlen(
     dropout: float,
     scaling: float | None,
     sliding_window: int | None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention inside each group, with SDPA: one batched call per distinct group length.
+    `sinks`: one attention-sink logit per head ([heads], gpt-oss's `s_aux`), which joins each group's softmax
+    (`sdpa_with_sinks`).
 
     query: [tokens, heads, dim], key: [tokens, kv_heads, dim], value: [tokens, kv_heads, value_dim] ->
     [tokens, heads, value_dim] (SDPA takes a value head size of its own). Each run of
@@ -313,12 +348,17 @@ def sdpa_varlen(
             .transpose(1, 2)
             for x in pieces
         )
-        mask = None
-        if sliding_window is not None and sliding_window < length:
-            mask = _sliding_window_mask(length, sliding_window, query.device)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None, scale=scaling, enable_gqa=enable_gqa
-        )
+        if sinks is not None:
+            window = None if sliding_window is None or sliding_window >= length else sliding_window
+            allowed = _sliding_window_mask(length, window, query.device) if window else _causal_mask(length, query.device)
+            out = sdpa_with_sinks(q, k, v, allowed, sinks, dropout, scaling)
+        else:
+            mask = None
+            if sliding_window is not None and sliding_window < length:
+                mask = _sliding_window_mask(length, sliding_window, query.device)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None, scale=scaling, enable_gqa=enable_gqa
+            )
         out = out.transpose(1, 2).flatten(0, 1)  # [groups * length, heads, value_dim]
         for i, piece in zip(members, out.split([runs[i][2] * length for i in members])):
             run_outputs[i] = piece
@@ -387,25 +427,61 @@ def check_causal(is_causal: bool, owner: str) -> None:
         )
 
 
-def check_even_heads(heads: int, owner: str) -> None:
-    """Refuse an odd number of attention heads: S2-Attn gives each half of them its own groups."""
-    if heads % 2:
-        raise ValueError(
-            f"S2-Attn splits the attention heads into two halves, so their number must be even; {owner} has "
-            f"num_attention_heads={heads}. Use attn_implementation='sdpa' for this model."
-        )
-
-
 def _tokens(x: torch.Tensor) -> torch.Tensor:
     """[batch, heads, seq, dim] -> [batch * seq, heads, dim]: the token-major layout of the grouped kernels."""
     return x.transpose(1, 2).reshape(x.shape[0] * x.shape[2], x.shape[1], x.shape[3])
 
 
-def _attend_in_groups(q, k, v, layout: S2Layout, half: int, settings, dropout, scaling, sliding_window) -> torch.Tensor:
-    """Causal attention inside the groups of `half` of `layout`, with the inner kernel: [tokens, heads, dim]."""
-    if settings.inner_attn_implementation == "flash_attention_2":
+def _attend_in_groups(
+    q, k, v, layout: S2Layout, half: int, settings, dropout, scaling, sliding_window, sinks=None
+) -> torch.Tensor:
+    """Causal attention inside the groups of `half` of `layout`, with the inner kernel: [tokens, heads, dim].
+
+    Attention sinks run on the SDPA path whatever the inner kernel: flash-attn's varlen API has no sink argument,
+    and rescaling its output by its log-sum-exp would get no gradient through the sinks (flash-attn returns the
+    log-sum-exp without one)."""
+    if settings.inner_attn_implementation == "flash_attention_2" and sinks is None:
         return flash_varlen(q, k, v, layout.cu_seqlens[half], layout.max_seqlen[half], dropout, scaling, sliding_window)
-    return sdpa_varlen(q, k, v, layout.runs[half], dropout, scaling, sliding_window)
+    return sdpa_varlen(q, k, v, layout.runs[half], dropout, scaling, sliding_window, sinks)
+
+
+# Arguments the attention modules of transformers pass that leave the attention S2 computes unchanged (bookkeeping,
+# or packed-document boundaries S2 reads from the position ids), besides those S2 takes by name.
+PASSIVE_ATTENTION_KWARGS = frozenset({
+    "position_ids", "cache_position", "use_cache", "past_key_values", "past_key_value", "output_attentions",
+    "output_hidden_states", "output_router_logits", "return_dict", "layer_idx", "position_embeddings", "target_dtype",
+    "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx",
+})
+
+
+def check_attention_kwargs(kwargs: dict, owner: str) -> None:
+    """Refuse an attention argument S2 does not implement, unless it is unset: S2 computes the attention itself
+    in training, so an argument that changes the result (soft-capping, a bias, a head mask...) would be ignored."""
+    unknown = {
+        name: value for name, value in kwargs.items()
+        if name not in PASSIVE_ATTENTION_KWARGS and value is not None and value is not False
+    }
+    if unknown:
+        name, value = next(iter(unknown.items()))
+        shown = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)
+        raise ValueError(
+            f"S2-Attn does not implement the attention argument {name}={shown} that {owner} passes "
+            f"(all it does not implement: {sorted(unknown)}); training with S2 would ignore it. Train this model "
+            "without S2-Attn (LongLoraConfig(use_s2_attn=False), `longlora-hf sft --use_s2_attn false`)."
+        )
+
+
+def _layer_type(module) -> str | None:
+    """The layer type of an attention module (`config.layer_types[layer_idx]`), where the model declares one."""
+    layer_types, index = getattr(module.config, "layer_types", None), getattr(module, "layer_idx", None)
+    if layer_types is None or not isinstance(index, int) or not 0 <= index < len(layer_types):
+        return None
+    return layer_types[index]
+
+
+# Layer types whose own mask limits attention to blocks S2 does not build (Llama 4's chunks of
+# `attention_chunk_size` tokens): they train with their own attention, unchanged.
+OWN_ATTENTION_LAYER_TYPES = frozenset({"chunked_attention"})
 
 
 def _dense(
@@ -434,14 +510,34 @@ def _dense(
         documents = replace(settings, group_size_ratio=1.0, group_size=None, shift=False)  # one group per document
         layout = layout_without_mask(position_ids, batch, seq, documents, query.device)
         q, k, v = (_tokens(x) for x in (query, key, value))
-        out = _attend_in_groups(q, k, v, layout, 0, settings, dropout, scaling, sliding_window)
+        sinks = kwargs.get("s_aux")
+        if sinks is not None:
+            first_head, _ = heads_held(module.config, heads)
+            sinks = sinks[first_head:first_head + heads]
+        out = _attend_in_groups(q, k, v, layout, 0, settings, dropout, scaling, sliding_window, sinks)
         return out.view(batch, seq, heads, value.shape[-1]), None
+    sinks = kwargs.get("s_aux")
+    if sinks is not None and settings.inner_attn_implementation == "sdpa":
+        # transformers' SDPA function ignores sinks (gpt-oss declares no SDPA support): computed here.
+        first_head, _ = heads_held(module.config, heads)
+        allowed = _dense_allowed(mask, seq, key.shape[2], query.device)
+        out = sdpa_with_sinks(query, key, value, allowed, sinks[first_head:first_head + heads], dropout, scaling)
+        return out.transpose(1, 2).contiguous(), None
     if is_causal is not None:
         kwargs["is_causal"] = is_causal
     return ALL_ATTENTION_FUNCTIONS[settings.inner_attn_implementation](
         module, query, key, value, mask, dropout=dropout, scaling=scaling, sliding_window=sliding_window,
         position_ids=position_ids, **kwargs,
     )
+
+
+def _dense_allowed(mask: torch.Tensor | None, q_len: int, kv_len: int, device) -> torch.Tensor:
+    """The keys each query may see, [batch or 1, 1, q, kv] bool, from an SDPA mask (bool or additive) or, where
+    SDPA's mask function left none (no padding: plain causal), the causal rule with the queries last."""
+    if mask is None:
+        return (torch.arange(kv_len, device=device)[None, :] <= torch.arange(q_len, device=device)[:, None] + kv_len - q_len)
+    mask = mask[..., -kv_len:]
+    return mask if mask.dtype == torch.bool else mask == 0
 
 
 def s2_attention_forward(
@@ -479,13 +575,12 @@ def s2_attention_forward(
         return _dense(module, query, key, value, attention_mask, settings, dropout, scaling, is_causal,
                       sliding_window, position_ids, **kwargs)
     check_causal(is_causal is not False and getattr(module, "is_causal", True), type(module).__name__)
+    if _layer_type(module) in OWN_ATTENTION_LAYER_TYPES:
+        return _dense(module, query, key, value, attention_mask, settings, dropout, scaling, is_causal,
+                      sliding_window, position_ids, **kwargs)
     first_head, all_heads = heads_held(module.config, query.shape[1])
-    check_even_heads(all_heads, type(module).__name__)
-    if kwargs.get("softcap") is not None:
-        raise ValueError(
-            f"S2-Attn does not support attention logit soft-capping (softcap={kwargs['softcap']}) of "
-            f"{type(module).__name__}. Use attn_implementation='eager' for this model."
-        )
+    sinks = kwargs.pop("s_aux", None)
+    check_attention_kwargs(kwargs, type(module).__name__)
 
     batch, heads, seq, _ = query.shape
     value_dim = value.shape[-1]  # differs from the query/key head size under MLA (DeepSeek-V2/V3)
@@ -502,17 +597,22 @@ def s2_attention_forward(
     if layout.token_index is not None:
         q, k, v = (x.index_select(0, layout.token_index) for x in (q, k, v))
 
-    # The heads of this call with a global index below all_heads / 2 attend in the unshifted groups (half 0), the
-    # others in the shifted ones (half 1); with all heads here that is the first half of them.
+    # The heads of this call with a global index below all_heads // 2 attend in the unshifted groups (half 0), the
+    # others in the shifted ones (half 1), as the reference code shifts heads [H // 2, H): with 9 heads, 4 and 5.
     unshifted = min(max(all_heads // 2 - first_head, 0), heads)
+    sink_parts = (None, None)
+    if sinks is not None:  # one logit per head of the whole model: this call's share, split like the heads
+        sink_parts = sinks[first_head:first_head + heads].split([unshifted, heads - unshifted])
     parts = zip(
         (0, 1), q.split([unshifted, heads - unshifted], dim=1), kv_head_parts(k, heads, unshifted),
-        kv_head_parts(v, heads, unshifted),
+        kv_head_parts(v, heads, unshifted), sink_parts,
     )
     outputs = []
-    for half, q_part, k_part, v_part in parts:
+    for half, q_part, k_part, v_part, sink_part in parts:
         if q_part.shape[1]:
-            outputs.append(_attend_in_groups(q_part, k_part, v_part, layout, half, settings, dropout, scaling, sliding_window))
+            outputs.append(_attend_in_groups(
+                q_part, k_part, v_part, layout, half, settings, dropout, scaling, sliding_window, sink_part
+            ))
     out = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]  # [tokens, heads, value_dim]
 
     if layout.token_index is not None:

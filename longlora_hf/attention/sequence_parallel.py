@@ -71,8 +71,7 @@ def valid_sp_sizes(heads: int, kv_heads: int, most: int = 64) -> list[int]:
 
 def check_sequence_parallel_heads(config, sp_size: int, owner: str = "the model") -> None:
     """Refuse an `sp_size` that cannot split the model's attention heads, naming the sizes and the valid
-    `sp_size` values. `config`: the model's config. (S2's own rule, an even number of heads, is checked when S2
-    is switched on.)"""
+    `sp_size` values. `config`: the model's config."""
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = getattr(config, "num_attention_heads", None)
     kv_heads = getattr(config, "num_key_value_heads", None) or heads

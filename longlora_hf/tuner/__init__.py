@@ -6,7 +6,7 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from peft.utils import PeftType, register_peft_method
 
 from .config import PEFT_TYPE, LongLoraConfig, longlora_config_of
-from .export import save_as_plain_lora
+from .export import load_plain_lora, save_as_plain_lora
 from .model import ADAPTER_PREFIX, LongLoraModel, check_adapter_fits, check_adapter_weights, is_input_embedding, is_normalization, prepare_model_for_longlora
 from ..position_interpolation import (
     PositionInterpolation,
@@ -28,6 +28,7 @@ __all__ = [
     "describe_rope",
     "is_input_embedding",
     "is_normalization",
+    "load_plain_lora",
     "longlora_config_of",
     "plan_position_interpolation",
     "prepare_model_for_longlora",

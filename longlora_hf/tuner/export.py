@@ -1,4 +1,5 @@
-"""Export a LongLoRA adapter as a plain LoRA adapter that vanilla PEFT loads without `longlora_hf`."""
+"""Plain LoRA and LongLoRA side by side: export a LongLoRA adapter as a plain LoRA adapter that vanilla PEFT loads
+without `longlora_hf`, and load a plain LoRA adapter into a model that holds LongLoRA adapters."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import json
 from dataclasses import fields
 from pathlib import Path
 
-from peft import LoraConfig, PeftModel
+from peft import LoraConfig, PeftConfig, PeftModel
+from peft.utils import PeftType, load_peft_weights, set_peft_model_state_dict
 
 from .config import LongLoraConfig
 
@@ -41,3 +43,30 @@ def save_as_plain_lora(model: PeftModel, out_dir: str | Path, adapter_name: str 
     base_config.pop("_attn_implementation_internal", None)
     (adapter_dir / "config.json").write_text(json.dumps(base_config, indent=2, sort_keys=True))
     return adapter_dir
+
+
+def load_plain_lora(model: PeftModel, model_id: str | Path, adapter_name: str, is_trainable: bool = False) -> None:
+    """Load the plain LoRA adapter `model_id` (peft_type LORA: a `save_as_plain_lora` export, or anyone's LoRA) into
+    `model`, a PeftModel holding LongLoRA adapters, as adapter `adapter_name`.
+
+    PEFT keeps one peft type per model, so `model.load_adapter` refuses a LORA adapter next to LONGLORA ones ("Cannot
+    combine adapters with different peft types"). A LoRA adapter is a LongLoRA adapter that changes neither the
+    positions nor the attention and trains no LoRA+ modules beyond its own `modules_to_save`: it is loaded as one,
+    with the same weights, so it computes what PEFT computes for it. Like `load_adapter`, it is not made active.
+    A plain LoRA export carries its position interpolation in its `config.json`, not in the adapter: it runs at
+    the positions the model has (those of its LongLoRA twin, when loaded next to it)."""
+    peft_type = PeftConfig._get_peft_type(str(model_id))
+    if peft_type != PeftType.LORA:
+        raise ValueError(f"{model_id}: load_plain_lora loads LoRA adapters; this one is {peft_type}. Use model.load_adapter.")
+    lora = LoraConfig.from_pretrained(str(model_id))
+    shared = {f.name: getattr(lora, f.name) for f in fields(LoraConfig) if f.init and f.name != "peft_type"}
+    config = LongLoraConfig(
+        **shared, use_s2_attn=False, trainable_embeddings=False, trainable_norms=False, target_context_length=None
+    )
+    config.inference_mode = not is_trainable
+    model.add_adapter(adapter_name, config)
+    set_peft_model_state_dict(model, load_peft_weights(str(model_id)), adapter_name=adapter_name)
+    if not is_trainable:
+        for name, parameter in model.named_parameters():
+            if f".{adapter_name}." in name:
+                parameter.requires_grad_(False)

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import copy
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraModel
-from peft.utils.other import AuxiliaryTrainingWrapper
+from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 from torch import nn
 
 from ..attention import S2_ATTN_IMPLEMENTATION, S2AttentionSettings, check_group_size, check_s2_compatible, use_s2_attention
+from ..attention.settings import CONFIG_ATTRIBUTE
 from .config import S2_SETTINGS_FIELDS, LongLoraConfig
 from ..position_interpolation import (
     describe_rope,
@@ -105,24 +109,173 @@ def lora_plus_module_names(model: nn.Module, embeddings: bool, norms: bool) -> l
     return sorted(result)
 
 
+@dataclass(frozen=True)
+class BaseModelState:
+    """What LongLoRA changes on the shared base model, as it was before the first LongLoRA adapter: the attention
+    implementation, the RoPE settings and context of the (text) config, and the S2 settings stored on the configs.
+    PEFT's adapter lifecycle (unload, delete_adapter, disable_adapter) knows only about adapter layers; the tuner
+    puts these back with `restore`."""
+
+    attn_implementation: str | None
+    rope_parameters: dict | None
+    max_position_embeddings: int | None
+    s2_attention: tuple[dict | None, dict | None]
+    """`config.s2_attention` of the model's config and of its text config (None: absent)."""
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "BaseModelState":
+        text_config = model.config.get_text_config()
+        return cls(
+            model.config._attn_implementation,
+            rope_parameters_of(model.config),
+            getattr(text_config, "max_position_embeddings", None),
+            tuple(copy.deepcopy(getattr(c, CONFIG_ATTRIBUTE, None)) for c in (model.config, text_config)),
+        )
+
+    def config(self, model: nn.Module):
+        """A copy of `model.config` with this state's RoPE and context: what the base's config was."""
+        config = copy.deepcopy(model.config)
+        text_config = config.get_text_config()
+        if self.rope_parameters is not None:
+            text_config.rope_parameters = copy.deepcopy(self.rope_parameters)
+        if self.max_position_embeddings is not None:
+            text_config.max_position_embeddings = self.max_position_embeddings
+        return config
+
+    def restore(self, model: nn.Module) -> None:
+        """Give `model` this state back (nothing is rebuilt where nothing changed)."""
+        if self.rope_parameters is not None and (
+            rope_parameters_of(model.config) != self.rope_parameters
+            or model.config.get_text_config().max_position_embeddings != self.max_position_embeddings
+        ):
+            set_rope_parameters(model, self.rope_parameters, self.max_position_embeddings)
+        for config, stored in zip((model.config, model.config.get_text_config()), self.s2_attention):
+            if stored is None:
+                config.__dict__.pop(CONFIG_ATTRIBUTE, None)
+            else:
+                setattr(config, CONFIG_ATTRIBUTE, copy.deepcopy(stored))
+        if self.attn_implementation is not None and model.config._attn_implementation != self.attn_implementation:
+            model.set_attn_implementation(self.attn_implementation)
+
+
 class LongLoraModel(LoraModel):
-    """The PEFT tuner behind `LongLoraConfig`: LoRA's machinery, with LongLoRA's model changes first."""
+    """The PEFT tuner behind `LongLoraConfig`: LoRA's machinery, with LongLoRA's model changes first.
+
+    Position interpolation and S2-Attn change the base model all adapters share, which PEFT's lifecycle does not
+    know about. The tuner records the base as it was before its first adapter (`base_state`) and follows PEFT's
+    documented behaviour on it: `unload()` and deleting the last LongLoRA adapter give that base back,
+    `disable_adapter()` runs it, and every adapter of one model shares one position extension.
+    """
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
         # Called on creation and by `load_adapter`/`add_adapter` alike, so loading an adapter restores
         # the position interpolation it was trained with.
-        prepare_model_for_longlora(model, self.peft_config[adapter_name])
+        if getattr(self, "base_state", None) is None:
+            self.base_state = BaseModelState.of(model)
+        prepare_model_for_longlora(model, self.peft_config[adapter_name], self.base_state)
         super().inject_adapter(model, adapter_name, **kwargs)
+        active = self.active_adapters[0] if len(self.active_adapters) == 1 else None
+        if active not in (None, adapter_name) and isinstance(self.peft_config.get(active), LongLoraConfig):
+            apply_attention(model, self.peft_config[active])  # an added adapter is not active: keep the active one's
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Activate an adapter, and the attention it trains with (its S2 settings, or none)."""
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        if len(names) == 1 and isinstance(self.peft_config.get(names[0]), LongLoraConfig):
+            apply_attention(self.model, self.peft_config[names[0]])
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        adapter_names = kwargs.get("adapter_names")
+        if adapter_names is not None and not self.training:
+            norms = sorted({
+                name for name in adapter_names
+                if getattr(self.peft_config.get(name), "trainable_norms", False)
+            })
+            if norms:
+                raise ValueError(
+                    f"A batch that mixes adapters (adapter_names) cannot run LongLoRA adapters that train the "
+                    f"normalization layers ({', '.join(norms)}: trainable_norms=True, LoRA+): PEFT mixes adapters per "
+                    "row only in Linear, Embedding and Conv layers. Run each adapter's rows in a call of their own "
+                    "(model.set_adapter(name)), or merge each adapter into a model of its own (merge_and_unload)."
+                )
+        with super()._enable_peft_forward_hooks(*args, **kwargs):
+            yield
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str, *args, **kwargs) -> None:
+        """PEFT's weighted combination of LoRA adapters, for LongLoRA adapters without LoRA+ modules (the trained
+        embeddings and norms are whole weights, which PEFT's combinations do not weigh)."""
+        lora_plus = [name for name in adapters if getattr(self.peft_config.get(name), "modules_to_save", None)]
+        if lora_plus:
+            raise ValueError(
+                f"add_weighted_adapter combines LoRA factors only, but the LongLoRA adapters {lora_plus} also train "
+                "whole modules (LoRA+: the embeddings and norms, modules_to_save), which PEFT cannot weigh. Combine "
+                "adapters trained with trainable_embeddings=False and trainable_norms=False, or merge the adapters "
+                "one at a time into the base (merge_and_unload) instead."
+            )
+        super().add_weighted_adapter(adapters, weights, adapter_name, *args, **kwargs)
+
+    def _get_module_names_tied_with_embedding(self) -> list[str]:
+        names = super()._get_module_names_tied_with_embedding()
+        embedding = self.model.get_input_embeddings()
+        if names or not isinstance(embedding, AuxiliaryTrainingWrapper):
+            return names
+        # PEFT 0.21 finds no tie once an adapter's `modules_to_save` wraps the embedding (its parameters are renamed
+        # `original_module.` / `modules_to_save.<name>.`), so a second adapter would train an embedding its output
+        # head does not share. Read the ties from the model's own `_tied_weights_keys` instead.
+        if getattr(self.model.config.get_text_config(), "tie_word_embeddings", None) is False:
+            return []
+        embedding_name = next(name for name, module in self.model.named_modules() if module is embedding)
+        tied = getattr(self.model, "_tied_weights_keys", None)
+        return sorted({
+            target.rpartition(".")[0] for target, source in (tied if isinstance(tied, dict) else {}).items()
+            if source == f"{embedding_name}.weight"
+        })
 
     def merge_and_unload(self, *args, **kwargs) -> torch.nn.Module:
-        """Merge LoRA and the LoRA+ modules into a plain transformers model with dense attention."""
+        """Merge LoRA and the LoRA+ modules into a plain transformers model with dense attention, keeping the
+        position extension the adapters were trained with (the merged model is the long-context model)."""
         model = super().merge_and_unload(*args, **kwargs)
         if model.config._attn_implementation == S2_ATTN_IMPLEMENTATION:
             leave_s2_attention(model)
         for config in {id(model.config): model.config, id(model.config.get_text_config()): model.config.get_text_config()}.values():
-            if hasattr(config, "s2_attention"):
+            if hasattr(config, CONFIG_ATTRIBUTE):
                 del config.s2_attention
         return model
+
+    def unload(self) -> torch.nn.Module:
+        """Return the base model by removing all the PEFT modules and LongLoRA's changes to it (its attention
+        implementation, RoPE, context and config fields), as it was before the first adapter."""
+        # PEFT's unload keeps the trained copy of each `modules_to_save` module; LoRA+'s embeddings and norms are
+        # adapter weights, so the base gets its own modules back.
+        for name, module in list(self.model.named_modules()):
+            if isinstance(module, ModulesToSaveWrapper):
+                parent_name, _, attribute = name.rpartition(".")
+                setattr(self.model.get_submodule(parent_name) if parent_name else self.model, attribute, module.original_module)
+        model = super().unload()
+        self.base_state.restore(model)
+        return model
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Delete an adapter; deleting the last LongLoRA adapter gives the base model its own state back."""
+        super().delete_adapter(adapter_name)
+        if not any(isinstance(config, LongLoraConfig) for config in self.peft_config.values()):
+            self.base_state.restore(self.model)
+
+    def disable_adapter_layers(self) -> None:
+        """Run the base model (PeftModel.disable_adapter): its own RoPE and attention, besides PEFT's switch."""
+        super().disable_adapter_layers()
+        if getattr(self, "_adapter_state", None) is None:
+            self._adapter_state = BaseModelState.of(self.model)
+            self.base_state.restore(self.model)
+
+    def enable_adapter_layers(self) -> None:
+        """Undo `disable_adapter_layers`: the adapters' RoPE and attention are back."""
+        super().enable_adapter_layers()
+        if getattr(self, "_adapter_state", None) is not None:
+            state, self._adapter_state = self._adapter_state, None
+            state.restore(self.model)
 
 
 def leave_s2_attention(model: nn.Module) -> None:
@@ -130,8 +283,12 @@ def leave_s2_attention(model: nn.Module) -> None:
     model.set_attn_implementation(S2AttentionSettings.from_config(model.config).inner_attn_implementation)
 
 
-def prepare_model_for_longlora(model: nn.Module, config: LongLoraConfig) -> None:
-    """Apply a LongLoraConfig's changes to the base model and fill in what it resolves per architecture."""
+def prepare_model_for_longlora(model: nn.Module, config: LongLoraConfig, base: BaseModelState | None = None) -> None:
+    """Apply a LongLoraConfig's changes to the base model and fill in what it resolves per architecture.
+
+    `base`: the model as it was before any LongLoRA adapter (default: as it is now). A new adapter's position
+    extension is planned from it, so that a second adapter of a model records the base's RoPE as its original,
+    and one that would extend the positions otherwise than the adapters already there is refused."""
     if isinstance(model, PeftModel):
         raise ValueError(
             f"The model is already a PEFT model ({type(model).__name__} with adapters "
@@ -139,11 +296,11 @@ def prepare_model_for_longlora(model: nn.Module, config: LongLoraConfig) -> None
             "model.get_base_model() (or the model before get_peft_model), or add LongLoRA as another adapter "
             "with model.add_adapter(name, LongLoraConfig(...))."
         )
-    base = config.base_model_name_or_path
-    if base and not Path(base).is_absolute() and Path(base).is_dir():
+    base_path = config.base_model_name_or_path
+    if base_path and not Path(base_path).is_absolute() and Path(base_path).is_dir():
         # A base loaded from a relative directory (`longlora_hf/demo/assets`): recorded as it was given, the
         # adapter would load only from the directory it was trained in.
-        config.base_model_name_or_path = str(Path(base).resolve())
+        config.base_model_name_or_path = str(Path(base_path).resolve())
     train_s2 = config.use_s2_attn and not config.inference_mode
     if train_s2:
         check_s2_compatible(model)  # before anything changes the model
@@ -158,43 +315,56 @@ def prepare_model_for_longlora(model: nn.Module, config: LongLoraConfig) -> None
         config.ensure_weight_tying = True
 
     if config.target_context_length is not None:
-        extend_positions(model, config)
-    if train_s2:
+        extend_positions(model, config, base or BaseModelState.of(model))
+    apply_attention(model, config)
+
+
+def apply_attention(model: nn.Module, config: LongLoraConfig) -> None:
+    """Give `model` the attention `config` trains with: S2-Attn with its settings, or the inner kernel."""
+    if config.use_s2_attn and not config.inference_mode:
         use_s2_attention(model, **{name: getattr(config, name) for name in S2_SETTINGS_FIELDS})
     elif model.config._attn_implementation == S2_ATTN_IMPLEMENTATION:
         leave_s2_attention(model)
 
 
-def extend_positions(model: nn.Module, config: LongLoraConfig) -> None:
+def extend_positions(model: nn.Module, config: LongLoraConfig, base: BaseModelState) -> None:
     """Give the base model the RoPE of `config.target_context_length` and record it in `config`.
 
-    A new config records the plan (RoPE before and after, the context before, the factor). A config loaded
-    with an adapter restores exactly the RoPE it recorded, on a base whose RoPE is the recorded original
-    (or already the recorded result: a second adapter of the same extension); any other base is refused,
-    since the adapter's weights were trained for other positions.
+    `base` is the model before any LongLoRA adapter. A new config records the plan made from it (RoPE before and
+    after, the context before, the factor). A config loaded with an adapter, or one used before, restores exactly
+    the RoPE it recorded, on a base whose RoPE is the recorded original. All adapters of one model share its RoPE,
+    so an adapter whose extension differs from the one in force is refused: its weights were trained for other
+    positions, and switching would move the others'.
     """
     now = rope_parameters_of(model.config)
-    if config.rope_parameters is not None and now == config.rope_parameters:
-        return
     if config.rope_parameters is None and config.position_interpolation_factor is not None:
         # saved by longlora_hf 0.1.0, which recorded the factor but not the RoPE: reload what that version did
         legacy = legacy_rope_parameters(model.config, config.target_context_length, config.rope_type or "linear")
         if legacy is not None:
             set_rope_parameters(model, *legacy)
         return
-    plan = plan_position_interpolation(model.config, config.target_context_length, config.rope_type)
+    plan = plan_position_interpolation(base.config(model), config.target_context_length, config.rope_type)
     if config.original_rope_parameters is not None and plan.original_rope_parameters != config.original_rope_parameters:
         raise ValueError(
             f"This adapter was trained over RoPE {describe_rope(config.original_rope_parameters)} extended to "
-            f"{describe_rope(config.rope_parameters)}, but the base model has {describe_rope(now)}. Load it on the base "
-            "model it was trained from (its base_model_name_or_path), or unload the adapter that changed the RoPE first."
+            f"{describe_rope(config.rope_parameters)}, but the base model has {describe_rope(base.rope_parameters)}. "
+            "Load it on the base model it was trained from (its base_model_name_or_path)."
+        )
+    wanted = plan.rope_parameters if config.rope_parameters is None else config.rope_parameters
+    if now != base.rope_parameters and now != wanted:
+        raise ValueError(
+            f"This adapter extends the positions of RoPE {describe_rope(base.rope_parameters)} to "
+            f"{describe_rope(wanted)}, but the model's other LongLoRA adapters run it extended to "
+            f"{describe_rope(now)}: adapters of one model share its RoPE, so each would run at positions it was not "
+            f"trained for. Give it the same target_context_length (and rope_type) as the others, load it on a base "
+            "model of its own, or delete the other adapters (or unload()) first."
         )
     if config.rope_parameters is None:
         config.original_context_length = plan.original_context_length
         config.position_interpolation_factor = plan.factor
         config.original_rope_parameters = plan.original_rope_parameters
         config.rope_parameters = plan.rope_parameters
-    if plan.changes_the_model or config.rope_parameters != plan.original_rope_parameters:
+    if now != config.rope_parameters:
         set_rope_parameters(model, config.rope_parameters, plan.max_position_embeddings)
 
 
