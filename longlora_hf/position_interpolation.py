@@ -283,8 +283,9 @@ def set_rope_parameters(model: torch.nn.Module, rope_parameters: dict, max_posit
     ]
     if not rotary:
         raise ValueError(
-            f"Found no rotary embedding module (one with `inv_freq`) in {type(model).__name__}; cannot extend its "
-            "positions. Pass target_context_length=None."
+            f"Found no rotary embedding module (one with `inv_freq`) in {type(model).__name__}: its layers use no RoPE "
+            "(NoPE, as Granite-4's hybrids), so position interpolation has nothing to extend. Pass "
+            "target_context_length=None (LoRA+ and S2-Attn still apply)."
         )
     config.rope_parameters = copy.deepcopy(rope_parameters)
     config.max_position_embeddings = max_position_embeddings

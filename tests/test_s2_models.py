@@ -743,3 +743,110 @@ def test_sequences_too_short_for_two_token_groups_train_with_dense_attention(arc
     torch.testing.assert_close(s2_loss, dense(input_ids=ids, labels=ids).loss, atol=1e-6, rtol=0)
     packed = torch.arange(40) % 5  # eight 5-token documents in a 40-token row: short documents, long row
     assert torch.isfinite(model(input_ids=ids.new_full((1, 40), 7), position_ids=packed[None], labels=ids.new_full((1, 40), 7)).loss)
+
+
+# 2025-26 layouts: hybrids whose linear-attention or Mamba layers do not use the attention registry, Llama 4's
+# chunked attention beside NoPE full-attention layers, SmolLM3's NoPE layers. Tiny, with their real layer patterns.
+# Experts run "eager": the default grouped_mm kernel has no float64 on the CPU.
+SMALL = dict(COMMON, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=8, experts_implementation="eager")
+LAYOUTS = {
+    # Qwen3-Next: three Gated DeltaNet (linear attention) layers, then one gated full-attention layer.
+    "qwen3-next": ("Qwen3NextConfig", "Qwen3NextForCausalLM", dict(
+        linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8,
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=16,
+        layer_types=["linear_attention"] * 3 + ["full_attention"],
+    )),
+    # Granite-4 (GraniteMoeHybrid): Mamba-2 layers and one attention layer, no RoPE (NoPE).
+    "granite-4-hybrid": ("GraniteMoeHybridConfig", "GraniteMoeHybridForCausalLM", dict(
+        layer_types=["mamba"] * 3 + ["attention"], mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8,
+        mamba_n_groups=1, num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=32,
+    )),
+    # Llama 4: chunked attention on its RoPE layers (chunks of 12 here, 8192 in the checkpoints), every fourth
+    # layer global and NoPE.
+    "llama4": ("Llama4TextConfig", "Llama4ForCausalLM", dict(
+        attention_chunk_size=12, num_local_experts=2, interleave_moe_layer_step=2, intermediate_size_mlp=64,
+        no_rope_layers=[1, 1, 1, 0],
+    )),
+    # SmolLM3: every fourth layer NoPE.
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", dict(no_rope_layers=[1, 1, 1, 0])),
+}
+
+
+def layout_model(name, seed=0, **overrides):
+    config_cls, model_cls, extra = LAYOUTS[name]
+    torch.manual_seed(seed)
+    return getattr(transformers, model_cls)(getattr(transformers, config_cls)(**{**SMALL, **extra, **overrides}))
+
+
+def register_reference_by_layer_type(real):
+    """"s2_reference" where a chunked-attention layer keeps the model's own (chunked) mask: those layers train as
+    they are; every other layer that reaches the registry gets the explicit S2 partition."""
+
+    def reference_attention(module, query, key, value, attention_mask, scaling=None, sliding_window=None, **kwargs):
+        if module.config.layer_types[module.layer_idx] == "chunked_attention":
+            mask = attention_mask.expand(-1, query.shape[1], -1, -1)
+        else:
+            mask = s2_reference_mask(real, query.shape[1], sliding_window=sliding_window)
+        return masked_attention(query, key, value, mask, scaling).to(query.dtype), None
+
+    AttentionInterface.register("s2_reference", reference_attention)
+    AttentionMaskInterface.register("s2_reference", sdpa_mask)
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_hybrid_chunked_and_nope_layouts_train_s2_where_attention_reaches_the_registry(name):
+    model = layout_model(name).double().train()
+    ids, attention_mask = batch(n=32, lengths=(32, 32))
+    register_reference_by_layer_type(attention_mask.bool())
+    model.set_attn_implementation("s2_reference")
+    expected = model(ids, attention_mask=attention_mask).logits
+    model.set_attn_implementation("sdpa")
+    dense = model(ids, attention_mask=attention_mask).logits
+    use_s2_attention(model)
+    got = model(ids, attention_mask=attention_mask).logits
+    torch.testing.assert_close(got, expected, atol=1e-10, rtol=0)
+    assert (got - dense).abs().max() > 1e-6  # S2 did run on the full-attention layers
+
+
+def test_llama4s_chunked_layers_keep_their_chunks_in_training():
+    """Against the alternative: S2 groups everywhere, chunks ignored, is another result."""
+    model = layout_model("llama4").double().train()
+    ids, attention_mask = batch(n=32, lengths=(32, 32))
+    use_s2_attention(model)
+    got = model(ids, attention_mask=attention_mask).logits
+    register_reference(attention_mask.bool())
+    model.set_attn_implementation("s2_reference")
+    assert (got - model(ids, attention_mask=attention_mask).logits).abs().max() > 1e-6
+
+
+def test_qwen3_next_is_accepted_although_it_does_not_declare_backend_support():
+    model = layout_model("qwen3-next")
+    assert not type(model)._supports_attention_backend
+    use_s2_attention(model)
+    assert model.config._attn_implementation == "s2"
+
+
+@pytest.mark.parametrize("name,no_rope_layers,changes", [("smollm3", [0, 0, 0, 0], False), ("smollm3", [1, 1, 1, 0], True)])
+def test_position_interpolation_changes_nothing_in_nope_layers(name, no_rope_layers, changes):
+    """With every layer NoPE the extension changes no logit; with RoPE layers it does (zero-initialised LoRA)."""
+    from peft import get_peft_model
+
+    from longlora_hf import LongLoraConfig
+
+    model = layout_model(name, no_rope_layers=no_rope_layers, max_position_embeddings=64).eval()
+    ids = torch.randint(4, 128, (1, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids).logits
+        after = get_peft_model(model, LongLoraConfig(target_context_length=128)).eval()(ids).logits
+    assert bool((after - before).abs().max() > 1e-6) == changes
+
+
+def test_a_nope_hybrid_without_a_rotary_module_refuses_an_extension_and_trains_without_one():
+    from peft import get_peft_model
+
+    from longlora_hf import LongLoraConfig
+
+    with pytest.raises(ValueError, match=r"no RoPE \(NoPE.*target_context_length=None \(LoRA\+ and S2-Attn still apply"):
+        get_peft_model(layout_model("granite-4-hybrid"), LongLoraConfig(target_context_length=512))
+    model = get_peft_model(layout_model("granite-4-hybrid"), LongLoraConfig())
+    assert model.get_base_model().config._attn_implementation == "s2"

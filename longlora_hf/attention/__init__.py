@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
@@ -24,6 +26,7 @@ __all__ = [
     "check_attention_kwargs",
     "check_group_size",
     "check_s2_compatible",
+    "dispatches_through_the_registry",
     "inner_attn_implementation_for",
     "register_attention",
     "s2_attention_forward",
@@ -41,13 +44,29 @@ def register_attention() -> None:
     AttentionMaskInterface.register(S2_ATTN_IMPLEMENTATION, s2_mask)
 
 
+def dispatches_through_the_registry(model: torch.nn.Module) -> bool:
+    """Whether `model`'s attention reaches the function registered for its `attn_implementation`: declared by the
+    class (`_supports_attention_backend`), or, for hybrids that leave it unset (Qwen3-Next: linear-attention layers
+    beside full-attention ones), read from the source of its attention modules, which look the function up in
+    `ALL_ATTENTION_FUNCTIONS`. Layers that do not (linear attention, Mamba) train as they are."""
+    if getattr(type(model), "_supports_attention_backend", False):
+        return True
+    for module_type in {type(module) for module in model.modules() if type(module).__name__.endswith("Attention")}:
+        try:
+            if "ALL_ATTENTION_FUNCTIONS" in inspect.getsource(module_type.forward):
+                return True
+        except (OSError, TypeError):  # no source (compiled, or built at run time)
+            continue
+    return False
+
+
 def check_s2_compatible(model: torch.nn.Module) -> None:
     """Raise a clear error when S2-Attn cannot run on `model`."""
-    if not getattr(type(model), "_supports_attention_backend", False):
+    if not dispatches_through_the_registry(model):
         raise ValueError(
-            f"{type(model).__name__} does not dispatch attention through transformers' AttentionInterface, or does "
-            "not declare that it does (`_supports_attention_backend` is unset), so attn_implementation='s2' is not "
-            "known to reach it. Train it without S2 (use_s2_attn=False) or pick an architecture that declares it."
+            f"{type(model).__name__} does not dispatch attention through transformers' AttentionInterface (no "
+            "attention module looks its function up in ALL_ATTENTION_FUNCTIONS, and `_supports_attention_backend` is "
+            "unset), so attn_implementation='s2' would not reach it. Train it without S2 (use_s2_attn=False)."
         )
     indexers = sorted({type(m).__name__ for m in model.modules() if type(m).__name__.endswith("Indexer")})
     if indexers:
