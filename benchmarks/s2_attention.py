@@ -26,6 +26,7 @@ import torch.nn.functional as F
 import longlora_hf  # noqa: F401  (registers "s2")
 from longlora_hf.attention import S2Mask, s2_attention_forward
 
+
 HEADS, HEAD_DIM = 8, 64
 
 
@@ -156,8 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = [_row("attention", length, args.repeats) for length in args.lengths]
     rows.append(_row("llama", args.model_length, args.repeats))
     device = _device().type
-    print(f"S2-Attn (4 groups) vs dense causal SDPA, forward+backward, float32, on {device} "
-          f"({torch.get_num_threads()} threads), median of {args.repeats}, alternating")
+    print(
+        f"S2-Attn (4 groups) vs dense causal SDPA, forward+backward, float32, on {device} "
+        f"({torch.get_num_threads()} threads), median of {args.repeats}, alternating"
+    )
     print(f"{'case':<34}{'dense s':>9}{'S2 s':>9}{'dense/S2':>10}{'dense MiB':>11}{'S2 MiB':>9}")
     for row in rows:
         case = (

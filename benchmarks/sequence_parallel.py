@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+
 SETUPS = [(1, "dense"), (1, "s2"), (2, "dense"), (2, "s2")]  # (processes, attention)
 LENGTHS = [4096, 8192, 12288, 16384, 20480, 24576, 32768, 40960, 49152, 65536]
 
@@ -64,7 +65,12 @@ def trial(length: int, attention: str, out: Path) -> None:
         share = tokens // processes
         mine = slice(rank * share, (rank + 1) * share)
         start = time.perf_counter()
-        out = model(input_ids=ids[:, mine], position_ids=torch.arange(tokens)[None, mine], labels=labels[:, mine], shift_labels=labels[:, mine])
+        out = model(
+            input_ids=ids[:, mine],
+            position_ids=torch.arange(tokens)[None, mine],
+            labels=labels[:, mine],
+            shift_labels=labels[:, mine],
+        )
         loss = out.loss
         if group is not None:  # the ranks hold equal numbers of tokens: their mean is the loss of the sequence
             losses = torch.stack(torch.distributed.nn.functional.all_gather(loss, group=group))
@@ -111,28 +117,43 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget-gib", type=float, default=2.5, help="memory budget per process (peak resident set)")
     parser.add_argument("--lengths", type=int, nargs="+", default=LENGTHS, help="sequence lengths to try, increasing")
-    parser.add_argument("--timeout", type=float, default=900, help="seconds a trial may take before it counts as not fitting")
+    parser.add_argument(
+        "--timeout", type=float, default=900, help="seconds a trial may take before it counts as not fitting"
+    )
     parser.add_argument("--trial", nargs=3, metavar=("LENGTH", "ATTENTION", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.trial:
         trial(int(args.trial[0]), args.trial[1], Path(args.trial[2]))
         return 0
     budget = args.budget_gib * 1024
-    print(f"Longest sequence for one training step within {args.budget_gib:g} GiB per process (peak resident set), "
-          f"demo model + LongLoRA, float32, gradient checkpointing, 2 CPU cores in all, one run")
+    print(
+        f"Longest sequence for one training step within {args.budget_gib:g} GiB per process (peak resident set), "
+        f"demo model + LongLoRA, float32, gradient checkpointing, 2 CPU cores in all, one run"
+    )
     print(f"{'set-up':34} {'longest':>8} {'peak MiB':>9} {'s/step':>8}   tried (length: peak MiB, s)")
     found = {}
     for processes, attention in SETUPS:
-        name = f"{processes} process{'es' if processes > 1 else ''}" + (" (Ulysses SP)" if processes > 1 else "") + f", {attention}"
+        name = (
+            f"{processes} process{'es' if processes > 1 else ''}"
+            + (" (Ulysses SP)" if processes > 1 else "")
+            + f", {attention}"
+        )
         tried, best = [], None
         for length in args.lengths:
             measured = run_trial(processes, attention, length, args.timeout)
-            tried.append(f"{length}: " + ("failed" if measured is None else f"{measured['peak_mib']:.0f}, {measured['seconds']:.1f}"))
+            tried.append(
+                f"{length}: "
+                + ("failed" if measured is None else f"{measured['peak_mib']:.0f}, {measured['seconds']:.1f}")
+            )
             if measured is None or measured["peak_mib"] > budget:
                 break
             best = (length, measured)
         found[(processes, attention)] = best
-        shown = f"{best[0]:>8} {best[1]['peak_mib']:>9.0f} {best[1]['seconds']:>8.2f}" if best else f"{'none':>8} {'':>9} {'':>8}"
+        shown = (
+            f"{best[0]:>8} {best[1]['peak_mib']:>9.0f} {best[1]['seconds']:>8.2f}"
+            if best
+            else f"{'none':>8} {'':>9} {'':>8}"
+        )
         print(f"{name:34} {shown}   {'; '.join(tried)}", flush=True)
     for attention in ("dense", "s2"):
         one, two = found[(1, attention)], found[(2, attention)]

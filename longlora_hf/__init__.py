@@ -1,5 +1,6 @@
 """LongLoRA for the Hugging Face ecosystem. Importing the package registers everything it provides."""
 
+from . import metrics
 from .attention import (
     S2_ATTN_IMPLEMENTATION,
     S2AttentionSettings,
@@ -7,10 +8,10 @@ from .attention import (
     s2_attention_forward,
     use_s2_attention,
 )
-from . import metrics
 from .tuner import LongLoraConfig, load_plain_lora, register_tuner, save_as_plain_lora
 
-__version__ = "0.1.0"
+
+__version__ = "0.2.0"
 
 
 def register() -> None:

@@ -21,6 +21,7 @@ from .hub import cli as hub_cli
 from .metrics import cli as metrics_cli
 from .training import cli as training_cli
 
+
 COMMANDS = (example, demo_cli, sft, training_cli, hub_cli, metrics_cli)
 """The modules whose `register(subparsers)` adds `longlora-hf` commands, in the order `--help` lists them."""
 

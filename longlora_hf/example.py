@@ -65,7 +65,9 @@ def run_example(steps: int = 80, length: int = 256, seed: int = 0) -> dict:
 
 def register(subparsers) -> None:
     """`longlora-hf example`."""
-    parser = subparsers.add_parser("example", help="A short end-to-end S2-Attn training example   on a tiny model (CPU).")
+    parser = subparsers.add_parser(
+        "example", help="A short end-to-end S2-Attn training example   on a tiny model (CPU)."
+    )
     parser.set_defaults(run=run)
 
 

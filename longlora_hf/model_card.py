@@ -23,6 +23,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from . import model_cards
 from .position_interpolation import describe_rope
 
+
 TEMPLATE = "longlora_adapter.md"
 NOT_RECORDED = "not recorded"
 # PEFT writes huggingface_hub's default card when a directory has none; its first heading tells it apart
@@ -122,7 +123,10 @@ def render_model_card(
     ).to_yaml()
     lora_plus = [
         part
-        for part, on in (("input embedding", config.trainable_embeddings), ("every normalization layer", config.trainable_norms))
+        for part, on in (
+            ("input embedding", config.trainable_embeddings),
+            ("every normalization layer", config.trainable_norms),
+        )
         if on
     ]
     modules = config.target_modules
@@ -132,7 +136,8 @@ def render_model_card(
     return template.format(
         metadata=metadata.strip(),
         generated_mark=GENERATED_MARK,
-        title=title or f"{kind}: {base_model or 'base model'} extended to {config.target_context_length or NOT_RECORDED} tokens",
+        title=title
+        or f"{kind}: {base_model or 'base model'} extended to {config.target_context_length or NOT_RECORDED} tokens",
         summary=(
             f"{kind} (Chen et al., ICLR 2024) for {base_model or 'its base model'}: trained with shifted sparse\n"
             "attention (S2-Attn), LoRA on the attention projections, and trainable embeddings and normalization\n"
@@ -141,7 +146,9 @@ def render_model_card(
         base_model=f"`{base_model}`" if base_model else NOT_RECORDED,
         original_context_length=config.original_context_length or NOT_RECORDED,
         target_context_length=config.target_context_length or NOT_RECORDED,
-        original_rope=describe_rope(config.original_rope_parameters) if config.original_rope_parameters else NOT_RECORDED,
+        original_rope=describe_rope(config.original_rope_parameters)
+        if config.original_rope_parameters
+        else NOT_RECORDED,
         position_extension=position_extension(config),
         group_size_ratio=f"{config.group_size} tokens" if config.group_size else config.group_size_ratio,
         r=config.r,

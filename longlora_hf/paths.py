@@ -5,11 +5,15 @@ Every command that writes follows one rule. It never writes into its own inputs 
 holds or sits inside an input is refused, whatever the flags). It never replaces files it did not write
 unless asked with `--overwrite`: a directory it wrote records what it wrote in `MANIFEST`, and anything
 else found there is someone else's. It writes into a temporary sibling and renames that into place at
-the end, so an interrupted run leaves the earlier result or none, never a mix.
+the end, so an interrupted run leaves the earlier result or none, never a mix. A run killed outright (no
+cleanup runs) leaves that sibling; the next run for the same output removes it, once it has proved the
+sibling is an earlier run's and that run is over (`remove_abandoned_partials`). A write that fills the disk
+ends with one line naming the output and the free space (`OutOfSpaceError`).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -19,8 +23,11 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
+
 MANIFEST = ".longlora-hf-output.json"  # in a directory a command wrote: the names it wrote there
 PARTIAL = ".longlora-hf-partial"  # suffix of the temporary sibling a command writes into
+OWNER = ".owner"  # PARTIAL + OWNER: the marker next to a partial, locked by the run writing it
+PREVIOUS = ".longlora-hf-previous"  # suffix of the earlier output while it is being replaced
 
 # What a local model or adapter directory must hold, by kind.
 # "config": a model whose weights this command does not require (it reads only the config, or its loader
@@ -50,7 +57,9 @@ def check_local_or_hub(value: str | os.PathLike, flag: str) -> bool:
     if Path(text).expanduser().exists():
         return True
     if _looks_like_a_path(text):
-        raise FileNotFoundError(f"{flag} {text}: no such directory (nor a Hub repo id, which is 'name' or 'owner/name').")
+        raise FileNotFoundError(
+            f"{flag} {text}: no such directory (nor a Hub repo id, which is 'name' or 'owner/name')."
+        )
     return False
 
 
@@ -75,12 +84,16 @@ def _read_json_config(path: Path, flag: str, key: str) -> dict:
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"{flag}: {path} is not valid JSON ({error}); restore it from the original.") from error
     if not isinstance(config, dict) or not isinstance(config.get(key), str):
-        raise ValueError(f"{flag}: {path} has no {key!r} string; it is not a transformers/PEFT config. Restore it from the original.")
+        raise ValueError(
+            f"{flag}: {path} has no {key!r} string; it is not a transformers/PEFT config. Restore it from the "
+            "original."
+        )
     return config
 
 
 def check_model_source(value: str | os.PathLike, flag: str, kind: str = "model") -> None:
-    """Check a `kind` ("model", "adapter", or "config": a model whose weights are not required) given as a local directory or a Hub repo id, before loading it.
+    """Check a `kind` ("model", "adapter", or "config": a model whose weights are not required) given as a local
+    directory or a Hub repo id, before loading it.
 
     A local directory must hold its config (config.json or adapter_config.json) as valid JSON, and
     safetensors weights whose headers read (a model: at least one .safetensors file; an adapter:
@@ -107,7 +120,10 @@ def check_model_source(value: str | os.PathLike, flag: str, kind: str = "model")
     elif kind == "adapter":
         weights = [path / "adapter_model.safetensors"] if (path / "adapter_model.safetensors").is_file() else []
         if not weights and not (path / "adapter_model.bin").is_file():
-            raise ValueError(f"{flag} {text} has no adapter_model.safetensors (or adapter_model.bin): the adapter's weights are missing.")
+            raise ValueError(
+                f"{flag} {text} has no adapter_model.safetensors (or adapter_model.bin): the adapter's weights are "
+                "missing."
+            )
     else:
         weights = sorted(path.glob("*.safetensors"))
     for file in weights:
@@ -172,7 +188,11 @@ def _written_before(directory: Path) -> set[str]:
     since, such as a README someone rewrote, is someone else's now). Empty without a readable manifest."""
     try:
         written = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))["written"]
-        ours = {name for name, print_ in written.items() if (directory / name).exists() and _fingerprint(directory / name) == print_}
+        ours = {
+            name
+            for name, print_ in written.items()
+            if (directory / name).exists() and _fingerprint(directory / name) == print_
+        }
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return set()
     return ours | {MANIFEST}
@@ -200,7 +220,9 @@ def check_output_place(value: str | os.PathLike, flag: str, inputs: Mapping[str,
     return output
 
 
-def check_output_directory(value: str | os.PathLike, flag: str, inputs: Mapping[str, object] = {}, overwrite: bool = False) -> Path:
+def check_output_directory(
+    value: str | os.PathLike, flag: str, inputs: Mapping[str, object] = {}, overwrite: bool = False
+) -> Path:
     """Check a directory a command is about to write, before any work; return it resolved. See the module's
     rule. `inputs`: {flag: local path or list of them} the command reads."""
     output = check_output_place(value, flag, inputs)
@@ -216,11 +238,13 @@ def check_output_directory(value: str | os.PathLike, flag: str, inputs: Mapping[
 
 def _carry(source: Path, target: Path) -> None:
     """Put `source` (a file or a directory) at `target`, hard-linked where possible, else copied."""
+
     def link_or_copy(src, dst):
         try:
             os.link(src, dst)
         except OSError:
             shutil.copy2(src, dst)
+
     if source.is_dir() and not source.is_symlink():
         shutil.copytree(source, target, symlinks=True, copy_function=link_or_copy)
     elif source.is_symlink():
@@ -238,8 +262,194 @@ def _mode_for(output: Path, default: int) -> int:
     return default & ~umask
 
 
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def _start_time(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot, Linux), None where that cannot be read."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class _Marker:
+    """The proof that a partial sibling is a run's own, and whether that run is still going: a file next to the
+    partial (its name + OWNER) recording the output, the partial and the process (host, boot, pid, start time),
+    with an advisory lock (`flock`) held for the life of the partial. The system drops the lock when the process
+    dies, however it dies; `remove_abandoned_partials` removes a partial only when it can take that lock. Where the
+    file system has no locks there is no marker, and the partial of a killed run stays, as it always did."""
+
+    def __init__(self, partial: Path, output: Path):
+        import fcntl
+
+        self.path, self.handle = partial.with_name(partial.name + OWNER), None
+        self.record = {
+            "longlora-hf": "partial",
+            "output": str(output),
+            "partial": partial.name,
+            "host": os.uname().nodename,
+            "boot": _boot_id(),
+            "pid": os.getpid(),
+            "start": _start_time(os.getpid()),
+        }
+        try:
+            handle = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError:
+            return
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)  # a cleaner that takes it first finds it empty, and leaves it
+        except OSError:  # no locks here
+            os.close(handle)
+            self.path.unlink(missing_ok=True)
+            return
+        self.handle = handle
+        self.update()
+
+    def update(self, **changes) -> None:
+        """Record `changes`. Never fails: a marker that could not be written (a full disk) is emptied, and an
+        empty one proves nothing, so what it stands for is kept."""
+        if self.handle is None:
+            return
+        self.record.update(changes)
+        data = json.dumps(self.record).encode()
+        try:
+            os.pwrite(self.handle, data, 0)
+            os.ftruncate(self.handle, len(data))
+        except OSError:
+            try:
+                os.ftruncate(self.handle, 0)
+            except OSError:
+                pass
+
+    def release(self) -> None:
+        """The partial is gone (renamed into place or removed): remove the marker, then drop the lock."""
+        if self.handle is None:
+            return
+        self.path.unlink(missing_ok=True)
+        os.close(self.handle)
+        self.handle = None
+
+
+def _remove_entry(path: Path) -> bool:
+    """Remove a file or a directory (a link itself, not what it points to); True when it is gone."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+    return not os.path.lexists(path)
+
+
+def _remove_if_abandoned(output: Path, marker: Path) -> bool:
+    """Remove the partial `marker` stands for, and the marker, when the marker proves it: a run of this user
+    wrote it for `output`, and that run is over (its lock can be taken, and its process is not running)."""
+    import fcntl
+
+    try:
+        handle = os.open(marker, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a live run holds it
+        status, now = os.fstat(handle), os.lstat(marker)
+        if (status.st_dev, status.st_ino) != (now.st_dev, now.st_ino) or status.st_uid != os.getuid():
+            return False  # removed and made again meanwhile, or another user's
+        record = json.loads(os.pread(handle, 1 << 16, 0).decode("utf-8"))
+        partial = marker.name[: -len(OWNER)]
+        if not isinstance(record, dict) or (record.get("output"), record.get("partial")) != (str(output), partial):
+            return False  # not written by `_Marker` for this output (an empty one: its run is just starting)
+        here = (record.get("host"), record.get("boot")) == (os.uname().nodename, _boot_id())
+        if here and isinstance(record.get("pid"), int):
+            started = _start_time(record["pid"])
+            if started is not None and started == record.get("start"):
+                return False  # its process still runs (a lock that did not hold)
+        previous = record.get("previous")
+        named = isinstance(previous, str) and previous.startswith(f".{output.name}.") and previous.endswith(PREVIOUS)
+        if named and "/" not in previous:
+            previous = output.parent / previous
+            if os.path.lexists(previous):
+                if record.get("phase") == "swapping" and not os.path.lexists(output):
+                    os.rename(previous, output)  # killed between the two renames: the earlier result goes back
+                elif not _remove_entry(previous):
+                    return False
+        if not _remove_entry(output.parent / partial):
+            return False
+        marker.unlink()
+        return True
+    except (OSError, ValueError):  # BlockingIOError: in use; no locks here; not JSON; cannot remove
+        return False
+    finally:
+        os.close(handle)
+
+
+def remove_abandoned_partials(output: Path) -> list[str]:
+    """Remove the partial siblings (and earlier outputs being replaced) that runs of a command left for `output`
+    when they were killed outright, once each is proved abandoned (see `_Marker`); returns their names. A
+    partial without a marker, one another run is still writing, another user's, or another output's is kept."""
+    try:
+        names = sorted(os.listdir(output.parent))
+    except OSError:
+        return []
+    prefix, suffix = f".{output.name}.", PARTIAL + OWNER
+    markers = [name for name in names if name.startswith(prefix) and name.endswith(suffix)]
+    return [name[: -len(OWNER)] for name in markers if _remove_if_abandoned(output, output.parent / name)]
+
+
+class OutOfSpaceError(OSError):
+    """A write that filled its file system: one line naming the output, the space it needs where known, and the
+    space free there (errno ENOSPC)."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.errno = errno.ENOSPC
+
+
+def is_out_of_space(error: BaseException) -> bool:
+    """True when `error`, or an error it was raised from, is a full disk or a full quota (an OSError with
+    ENOSPC/EDQUOT, or safetensors' SafetensorError saying "No space left on device")."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(text in str(error) for text in ("No space left on device", "Disk quota exceeded", "(os error 28)")):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _size(count: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count} bytes"
+
+
+def out_of_space(output: Path, flag: str, needed: int | None = None, what: str = "it") -> OutOfSpaceError:
+    """The error for a write of `output` that filled the disk, once its partial is removed; `needed`: an
+    estimate of the bytes it takes, `what`: what was being written."""
+    place = Path(output).parent
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    try:
+        free = f"{_size(shutil.disk_usage(place).free)} free there"
+    except OSError:
+        free = "free space unknown"
+    need = f"it needs about {_size(needed)}; " if needed else ""
+    return OutOfSpaceError(
+        f"{flag} {output}: no space left on the device while writing {what} ({need}{free}); nothing was kept (the "
+        f"partial files were removed). Free some space there, or choose a {flag} on a disk with room."
+    )
+
+
 @contextmanager
-def output_directory(value: str | os.PathLike, flag: str, inputs: Mapping[str, object] = {}, overwrite: bool = False) -> Iterator[Path]:
+def output_directory(
+    value: str | os.PathLike, flag: str, inputs: Mapping[str, object] = {}, overwrite: bool = False
+) -> Iterator[Path]:
     """Write a directory the safe way: check it (`check_output_directory`), yield an empty temporary sibling to
     write into, and on success record what was written (`MANIFEST`) and rename the sibling into place. On an
     error or an interruption the sibling is removed and `value` is left as it was. With `overwrite`, files of
@@ -247,10 +457,12 @@ def output_directory(value: str | os.PathLike, flag: str, inputs: Mapping[str, o
     (earlier files are this command's own, and are replaced as a whole)."""
     output = check_output_directory(value, flag, inputs, overwrite)
     output.parent.mkdir(parents=True, exist_ok=True)
+    remove_abandoned_partials(output)
     partial = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=PARTIAL, dir=output.parent))
-    partial.chmod(_mode_for(output, 0o777))  # mkdtemp makes it private
+    marker = _Marker(partial, output)
     previous = None
     try:
+        partial.chmod(_mode_for(output, 0o777))  # mkdtemp makes it private
         yield partial
         written = sorted(os.listdir(partial))
         record = {"written": {name: _fingerprint(partial / name) for name in written}}
@@ -265,21 +477,29 @@ def output_directory(value: str | os.PathLike, flag: str, inputs: Mapping[str, o
             for name in foreign:
                 if name not in written:
                     _carry(output / name, partial / name)
-            previous = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".longlora-hf-previous", dir=output.parent))
+            previous = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=PREVIOUS, dir=output.parent))
             previous.rmdir()
+            marker.update(previous=previous.name, phase="swapping")  # killed now: the next run puts it back
             os.rename(output, previous)
             os.rename(partial, output)
+            marker.update(phase="replaced")  # killed now: the next run removes what is left of it
             shutil.rmtree(previous, ignore_errors=True)
         else:
             os.rename(partial, output)
-    except BaseException:
+    except BaseException as error:
         if previous is not None and previous.exists() and not output.exists():
             os.rename(previous, output)  # interrupted between the two renames: the earlier result goes back
         shutil.rmtree(partial, ignore_errors=True)
+        if is_out_of_space(error) and not isinstance(error, OutOfSpaceError):
+            raise out_of_space(output, flag) from error
         raise
+    finally:
+        marker.release()
 
 
-def check_output_file(value: str | os.PathLike, flag: str, inputs: Mapping[str, object] = {}, overwrite: bool = False) -> Path:
+def check_output_file(
+    value: str | os.PathLike, flag: str, inputs: Mapping[str, object] = {}, overwrite: bool = False
+) -> Path:
     """Check a file a command is about to write: not one of its inputs, not a directory, in a writable place, and
     not an existing file unless `overwrite`."""
     output = Path(value).expanduser().resolve()
@@ -293,16 +513,20 @@ def check_output_file(value: str | os.PathLike, flag: str, inputs: Mapping[str, 
 
 
 @contextmanager
-def output_file(value: str | os.PathLike, flag: str, inputs: Mapping[str, object] = {}, overwrite: bool = False) -> Iterator[Path]:
+def output_file(
+    value: str | os.PathLike, flag: str, inputs: Mapping[str, object] = {}, overwrite: bool = False
+) -> Iterator[Path]:
     """Write a file the safe way: check it (`check_output_file`), yield a temporary sibling path, and on success
     rename it into place; on an error or an interruption the sibling is removed and `value` is left as it was."""
     output = check_output_file(value, flag, inputs, overwrite)
     output.parent.mkdir(parents=True, exist_ok=True)
+    remove_abandoned_partials(output)
     handle, name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=PARTIAL, dir=output.parent)
     os.close(handle)
     partial = Path(name)
-    partial.chmod(_mode_for(output, 0o666))
+    marker = _Marker(partial, output)
     try:
+        partial.chmod(_mode_for(output, 0o666))
         yield partial
         if overwrite:
             os.replace(partial, output)
@@ -310,11 +534,18 @@ def output_file(value: str | os.PathLike, flag: str, inputs: Mapping[str, object
             try:
                 os.link(partial, output)  # fails if a file appeared there meanwhile: never replaced unasked
             except FileExistsError:
-                raise FileExistsError(f"{flag} {value} appeared during the run; nothing was replaced. Pass --overwrite, or choose another {flag}.") from None
+                raise FileExistsError(
+                    f"{flag} {value} appeared during the run; nothing was replaced. Pass --overwrite, or choose "
+                    f"another {flag}."
+                ) from None
             partial.unlink()
-    except BaseException:
+    except BaseException as error:
         partial.unlink(missing_ok=True)
+        if is_out_of_space(error) and not isinstance(error, OutOfSpaceError):
+            raise out_of_space(output, flag) from error
         raise
+    finally:
+        marker.release()
 
 
 @contextmanager
@@ -337,12 +568,16 @@ def claimed_directory(value: str | os.PathLike, flag: str) -> Iterator[None]:
             holder = os.pread(handle, 200, 0).decode("utf-8", "replace").strip() or "unknown"
             os.close(handle)
             raise FileExistsError(
-                f"{flag} {value}: another run is writing to it ({holder}). Wait for it to end, or choose another {flag}."
+                f"{flag} {value}: another run is writing to it ({holder}). Wait for it to end, or choose another "
+                f"{flag}."
             ) from None
         except OSError as error:  # a file system without locks (Lustre without -o flock, some NFS)
             os.close(handle)
             lock.unlink(missing_ok=True)
-            warnings.warn(f"{flag} {value}: cannot lock {lock} ({error}); two runs into it at once would not be refused.", stacklevel=3)
+            warnings.warn(
+                f"{flag} {value}: cannot lock {lock} ({error}); two runs into it at once would not be refused.",
+                stacklevel=3,
+            )
             yield
             return
         if lock.exists() and os.stat(lock).st_ino == os.fstat(handle).st_ino:

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
+
 ROPE_TYPES = ("linear", "dynamic", "yarn")
 """The schemes `rope_type=` can create on a model with plain RoPE (None: the paper's linear)."""
 
@@ -74,7 +75,11 @@ def _text_config(config):
 
 
 def _is_per_layer_type(parameters: dict) -> bool:
-    return "rope_type" not in parameters and bool(parameters) and all(isinstance(v, dict) or v is None for v in parameters.values())
+    return (
+        "rope_type" not in parameters
+        and bool(parameters)
+        and all(isinstance(v, dict) or v is None for v in parameters.values())
+    )
 
 
 def rope_parameters_of(config) -> dict | None:
@@ -123,7 +128,9 @@ def describe_rope(parameters: dict | None) -> str:
     if _is_per_layer_type(parameters):
         return "; ".join(f"{layer}: {describe_rope(p)}" for layer, p in parameters.items() if p is not None)
     details = [
-        f"{label} {parameters[key]:g}" if isinstance(parameters[key], (int, float)) else f"{label} {len(parameters[key])} values"
+        f"{label} {parameters[key]:g}"
+        if isinstance(parameters[key], (int, float))
+        else f"{label} {len(parameters[key])} values"
         for key, label in (
             ("factor", "factor"),
             ("original_max_position_embeddings", "original"),
@@ -133,7 +140,11 @@ def describe_rope(parameters: dict | None) -> str:
         )
         if parameters.get(key) is not None
     ]
-    return f"{parameters.get('rope_type', 'default')} ({', '.join(details)})" if details else parameters.get("rope_type", "default")
+    return (
+        f"{parameters.get('rope_type', 'default')} ({', '.join(details)})"
+        if details
+        else parameters.get("rope_type", "default")
+    )
 
 
 def _longrope_attention_factor(parameters: dict, max_positions: int) -> float:
@@ -143,7 +154,9 @@ def _longrope_attention_factor(parameters: dict, max_positions: int) -> float:
     return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
 
 
-def _extend_scheme(parameters: dict, step: float, current: int, max_positions: int, rope_type: str | None, flat: bool) -> dict:
+def _extend_scheme(
+    parameters: dict, step: float, current: int, max_positions: int, rope_type: str | None, flat: bool
+) -> dict:
     """One RoPE scheme extended by `step` (see the table in the module docstring)."""
     own = parameters.get("rope_type", "default")
     extended = dict(parameters)
@@ -164,7 +177,11 @@ def _extend_scheme(parameters: dict, step: float, current: int, max_positions: i
 
 def check_target_context_length(target_context_length) -> None:
     """Raise unless `target_context_length` is a positive integer number of tokens (a bool is not)."""
-    if isinstance(target_context_length, bool) or not isinstance(target_context_length, int) or target_context_length <= 0:
+    if (
+        isinstance(target_context_length, bool)
+        or not isinstance(target_context_length, int)
+        or target_context_length <= 0
+    ):
         raise ValueError(
             f"target_context_length must be a positive integer number of tokens; got {target_context_length!r}. "
             "Use e.g. 32768, or None to keep the model's positions."
@@ -174,7 +191,9 @@ def check_target_context_length(target_context_length) -> None:
 def check_rope_type(rope_type) -> None:
     """Raise unless `rope_type` is None (extend the model's own scheme) or one of `ROPE_TYPES`."""
     if rope_type is not None and rope_type not in ROPE_TYPES:
-        raise ValueError(f"rope_type must be None (extend the model's own scheme) or one of {ROPE_TYPES}; got {rope_type!r}.")
+        raise ValueError(
+            f"rope_type must be None (extend the model's own scheme) or one of {ROPE_TYPES}; got {rope_type!r}."
+        )
 
 
 def _check_rope_type_fits(rope_type: str | None, parameters: dict, owner: str) -> None:
@@ -187,13 +206,15 @@ def _check_rope_type_fits(rope_type: str | None, parameters: dict, owner: str) -
             _scheme_context(scheme, 0)  # raises, naming the type
         if rope_type is not None and own != "default" and own != rope_type:
             raise ValueError(
-                f"rope_type={rope_type!r} would replace {owner}'s own RoPE scaling, {describe_rope(scheme)}, and change "
-                f"what the model computes at every length. Leave rope_type unset (None) to extend the model's own "
-                f"{own!r} scheme, which keeps what it leaves untouched."
+                f"rope_type={rope_type!r} would replace {owner}'s own RoPE scaling, {describe_rope(scheme)}, and "
+                "change what the model computes at every length. Leave rope_type unset (None) to extend the model's "
+                f"own {own!r} scheme, which keeps what it leaves untouched."
             )
 
 
-def plan_position_interpolation(config, target_context_length: int, rope_type: str | None = None) -> PositionInterpolation:
+def plan_position_interpolation(
+    config, target_context_length: int, rope_type: str | None = None
+) -> PositionInterpolation:
     """What reaching `target_context_length` takes on a model with this config (nothing is changed).
 
     `rope_type=None` extends the model's own scheme; 'linear', 'dynamic' or 'yarn' choose the scheme for a
@@ -227,7 +248,9 @@ def plan_position_interpolation(config, target_context_length: int, rope_type: s
     step = float(math.ceil(target_context_length / current))
     if _is_per_layer_type(parameters):
         if getattr(config, "sliding_window", None) is None and SLIDING_LAYER_TYPE in parameters:
-            raise ValueError(f"{owner} has RoPE for {SLIDING_LAYER_TYPE!r} layers but no sliding_window: cannot tell their reach.")
+            raise ValueError(
+                f"{owner} has RoPE for {SLIDING_LAYER_TYPE!r} layers but no sliding_window: cannot tell their reach."
+            )
         if rope_type == "dynamic" or any((v or {}).get("rope_type") == "dynamic" for v in parameters.values()):
             raise ValueError(
                 f"{owner} keeps RoPE per layer type, whose context is max_position_embeddings; dynamic NTK reads that "
@@ -235,7 +258,8 @@ def plan_position_interpolation(config, target_context_length: int, rope_type: s
                 "interpolation of the full-attention layers) or pass rope_type='yarn'."
             )
         extended = {
-            layer: scheme if layer == SLIDING_LAYER_TYPE or scheme is None
+            layer: scheme
+            if layer == SLIDING_LAYER_TYPE or scheme is None
             else _extend_scheme(scheme, step, current, max_positions, rope_type, flat=False)
             for layer, scheme in parameters.items()
         }
@@ -262,7 +286,9 @@ def legacy_rope_parameters(config, target_context_length: int, rope_type: str) -
     return parameters, max(config.max_position_embeddings, target_context_length)
 
 
-def apply_position_interpolation(model: torch.nn.Module, target_context_length: int, rope_type: str | None = None) -> PositionInterpolation:
+def apply_position_interpolation(
+    model: torch.nn.Module, target_context_length: int, rope_type: str | None = None
+) -> PositionInterpolation:
     """Extend the model's RoPE for `target_context_length` (in place) and return what was done."""
     plan = plan_position_interpolation(model.config, target_context_length, rope_type)
     if plan.changes_the_model:
@@ -283,8 +309,8 @@ def set_rope_parameters(model: torch.nn.Module, rope_parameters: dict, max_posit
     ]
     if not rotary:
         raise ValueError(
-            f"Found no rotary embedding module (one with `inv_freq`) in {type(model).__name__}: its layers use no RoPE "
-            "(NoPE, as Granite-4's hybrids), so position interpolation has nothing to extend. Pass "
+            f"Found no rotary embedding module (one with `inv_freq`) in {type(model).__name__}: its layers use no "
+            "RoPE (NoPE, as Granite-4's hybrids), so position interpolation has nothing to extend. Pass "
             "target_context_length=None (LoRA+ and S2-Attn still apply)."
         )
     config.rope_parameters = copy.deepcopy(rope_parameters)

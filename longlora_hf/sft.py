@@ -1,6 +1,7 @@
 """`longlora-hf sft`: TRL's SFT script with LongLoRA.
 
-    longlora-hf sft --config trainer_configs/recipes/tiny_cpu.yaml [any flag of `trl sft`] [--target_context_length 8192 ...]
+    longlora-hf sft --config trainer_configs/recipes/tiny_cpu.yaml [any flag of `trl sft`]
+        [--target_context_length 8192 ...]
     accelerate launch --config_file trainer_configs/accelerate/deepspeed_zero3.yaml -m longlora_hf.sft --config RECIPE
 
 `main` has the shape of TRL's `trl/scripts/sft.py` and is parsed by TRL's own parser, so every flag and
@@ -21,9 +22,12 @@ import typing
 from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 
+from .hub.push import HubError
 from .paths import check_model_source, check_output_place, claimed_directory
 from .training.formatting import check_record_format, check_too_long, check_training_file, read_records, record_fields
+from .training.precision import slow_bf16_warning
 from .tuner import LongLoraConfig
+
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +52,11 @@ def _config_flag(name: str):
     help_text = source.metadata["help"]
     if name == "target_context_length":
         help_text += " Default here: max_length."
-    return name, typing.get_type_hints(LongLoraConfig)[name], field(default=source.default, metadata={"help": help_text})
+    return (
+        name,
+        typing.get_type_hints(LongLoraConfig)[name],
+        field(default=source.default, metadata={"help": help_text}),
+    )
 
 
 @dataclass
@@ -57,25 +65,31 @@ class _SftArguments:
     record_format: str | None = field(
         default=None,
         metadata={
-            "help": "Format the records before training: 'longqa' ({material_type, material_content, question, "
-            "answer}, the paper's LongQA prompt) or 'longalpaca' ({instruction, output[, input]}, Llama-2 [INST]). The "
-            "answer becomes the completion, so the loss is on it only. Default: the data is used as TRL reads it."
+            "help": "Format the records before training: 'longqa' ({material_type, material_content, "
+            "question, answer}, the paper's LongQA prompt) or 'longalpaca' ({instruction, output[, input]}, "
+            "Llama-2 [INST]). The answer becomes the completion, so the loss is on it only. Default: the data is "
+            "used as TRL reads it."
         },
     )
     record_fields: str | None = field(
         default=None,
-        metadata={"help": "Field names other than the defaults, as role=column pairs, e.g. 'material_content=context,answer=response'."},
+        metadata={
+            "help": "Field names other than the defaults, as role=column pairs, e.g. "
+            "'material_content=context,answer=response'."
+        },
     )
     too_long: str = field(
         default="truncate",
-        metadata={"help": "A LongQA record longer than max_length: 'truncate' (cut the end of the material) or 'drop'."},
+        metadata={
+            "help": "A LongQA record longer than max_length: 'truncate' (cut the end of the material) or 'drop'."
+        },
     )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={
-            "help": "Train into an output_dir that already holds files (an earlier run's checkpoints, or files of your "
-            "own): the Trainer writes over what has the same names. Without it such an output_dir is refused, unless "
-            "resuming with --resume_from_checkpoint."
+            "help": "Train into an output_dir that already holds files (an earlier run's checkpoints, or files of "
+            "your own): the Trainer writes over what has the same names. Without it such an output_dir is refused, "
+            "unless resuming with --resume_from_checkpoint."
         },
     )
 
@@ -90,7 +104,9 @@ class _SftArguments:
     )
 
 
-LongLoraArguments = make_dataclass("LongLoraArguments", [_config_flag(name) for name in CONFIG_FLAGS], bases=(_SftArguments,))
+LongLoraArguments = make_dataclass(
+    "LongLoraArguments", [_config_flag(name) for name in CONFIG_FLAGS], bases=(_SftArguments,)
+)
 LongLoraArguments.__module__ = __name__
 LongLoraArguments.__doc__ = (
     "The LongLoRA options of `longlora-hf sft`: `--longlora`, the data formatting flags, and the LongLoraConfig "
@@ -130,6 +146,7 @@ def check_longlora_arguments(longlora_args) -> None:
 def check_numbers(training_args, model_args) -> None:
     """The numeric flags of TRL's SFT script that reach a library unchecked, refused with the flag, the value and
     the rule (the LongLoRA ones are checked by `LongLoraConfig`)."""
+
     def refuse(flag, value, rule):
         raise ValueError(f"--{flag} must be {rule}; got {value!r}.")
 
@@ -148,13 +165,26 @@ def check_numbers(training_args, model_args) -> None:
         value = getattr(training_args, flag)
         chosen = getattr(training_args, strategy)
         if getattr(chosen, "value", chosen) == "steps" and value is not None and not value > 0:
-            refuse(flag, value, f"positive with --{strategy} steps (a number of steps, or a fraction of the run below 1)")
+            refuse(
+                flag, value, f"positive with --{strategy} steps (a number of steps, or a fraction of the run below 1)"
+            )
     if model_args.lora_r is not None and model_args.lora_r < 1:
         refuse("lora_r", model_args.lora_r, "at least 1")
     if model_args.lora_alpha is not None and not model_args.lora_alpha > 0:
         refuse("lora_alpha", model_args.lora_alpha, "positive")
     if not 0 <= model_args.lora_dropout < 1:
         refuse("lora_dropout", model_args.lora_dropout, "in [0, 1)")
+
+
+def check_context_covers_max_length(target_context_length: int | None, max_length: int | None) -> None:
+    """The context LongLoRA extends to must hold the training sequences (`LongLoraCallback` would refuse it once
+    the model is loaded)."""
+    if target_context_length is not None and max_length is not None and target_context_length < max_length:
+        raise ValueError(
+            f"--target_context_length {target_context_length} is below --max_length {max_length}: the model would "
+            f"train on sequences longer than its context. Set --target_context_length {max_length} or more (unset, it "
+            "is max_length), or lower --max_length."
+        )
 
 
 def _local(value) -> Path | None:
@@ -197,8 +227,11 @@ def local_data_files(script_args, dataset_args) -> list[Path]:
     for path in _sources(script_args, dataset_args, with_paths_beside_files=False):
         candidates = sorted(path.rglob("*")) if path.is_dir() else [path]
         files.extend(
-            p for p in candidates
-            if p.is_file() and p.suffix in (".json", ".jsonl", ".txt") and p.name not in DATASET_METADATA
+            p
+            for p in candidates
+            if p.is_file()
+            and p.suffix in (".json", ".jsonl", ".txt")
+            and p.name not in DATASET_METADATA
             and not any(part.startswith(".") for part in p.relative_to(path.parent).parts)
         )
     return files
@@ -231,7 +264,9 @@ def check_sp_size(sp_size, model_args, training_args) -> None:
     """`--sp_size`: a whole number; above 1, a DeepSpeed launch whose processes it divides, and a model whose
     attention heads it splits (read from a local model's config)."""
     if isinstance(sp_size, bool) or not isinstance(sp_size, int) or sp_size < 1:
-        raise ValueError(f"--sp_size must be a whole number of ranks, at least 1 (1: no sequence parallelism); got {sp_size!r}.")
+        raise ValueError(
+            f"--sp_size must be a whole number of ranks, at least 1 (1: no sequence parallelism); got {sp_size!r}."
+        )
     if sp_size == 1:
         return
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
@@ -251,14 +286,19 @@ def check_sp_size(sp_size, model_args, training_args) -> None:
 
         from .attention.sequence_parallel import check_sequence_parallel_heads
 
-        config = AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=training_args.trust_remote_code)
+        config = AutoConfig.from_pretrained(
+            model_args.model_name_or_path, trust_remote_code=training_args.trust_remote_code
+        )
         check_sequence_parallel_heads(config, sp_size, f"--model_name_or_path {model_args.model_name_or_path}")
 
 
 def check_output_dir(script_args, training_args, model_args, dataset_args) -> None:
     """Where the output_dir is, by the rule of `longlora_hf.paths`: a directory, never the model or the data (or
     inside or around them), and writable."""
-    inputs = {"--model_name_or_path": model_args.model_name_or_path, "data": local_data_paths(script_args, dataset_args)}
+    inputs = {
+        "--model_name_or_path": model_args.model_name_or_path,
+        "data": local_data_paths(script_args, dataset_args),
+    }
     check_output_place(training_args.output_dir, "--output_dir", inputs)
 
 
@@ -276,15 +316,39 @@ def check_output_dir_contents(training_args, longlora_args) -> None:
         )
 
 
+class RunFinished(Exception):
+    """The checkpoint to resume from ends a finished run: nothing to train, nothing written."""
+
+
 def resolve_resume(training_args) -> None:
     """Make `--resume_from_checkpoint` a complete checkpoint. 'true' (or 'last') means the newest complete
     checkpoint of output_dir; newer incomplete ones (a run killed while saving) are skipped and named. A
     checkpoint given by path must be complete, or the error says what is missing and which one to use."""
+    wanted = training_args.resume_from_checkpoint
+    if wanted is not None:
+        _resolve_checkpoint(training_args)
+        check_not_finished(training_args)
+
+
+def check_not_finished(training_args) -> None:
+    """A run resumed from a checkpoint that already reached its end trains nothing and changes nothing (raises
+    `RunFinished`); raise --max_steps or --num_train_epochs to train on from it."""
+    from .training.checkpoints import finished
+
+    checkpoint = training_args.resume_from_checkpoint
+    reason = finished(checkpoint, training_args.max_steps, training_args.num_train_epochs)
+    if reason is not None:
+        raise RunFinished(
+            f"nothing to train: the run in {checkpoint} has finished ({reason}); --output_dir "
+            f"{training_args.output_dir} is left as it is. To train on from it, raise --max_steps or "
+            "--num_train_epochs."
+        )
+
+
+def _resolve_checkpoint(training_args) -> None:
     from .training.checkpoints import incomplete, last_complete_checkpoint
 
     wanted = training_args.resume_from_checkpoint
-    if wanted is None:
-        return
     if str(wanted).lower() in ("true", "last"):
         found, skipped = last_complete_checkpoint(training_args.output_dir)
         for checkpoint, reason in skipped.items():
@@ -303,8 +367,14 @@ def resolve_resume(training_args) -> None:
     if reason is not None:
         parent = Path(wanted).parent
         found, _ = last_complete_checkpoint(parent) if parent.is_dir() else (None, {})
-        fix = f"resume from {found} (the newest complete one), or pass --resume_from_checkpoint true" if found else "start a new run"
-        raise ValueError(f"--resume_from_checkpoint {wanted} cannot be resumed from: {reason}. {fix[0].upper() + fix[1:]}.")
+        fix = (
+            f"resume from {found} (the newest complete one), or pass --resume_from_checkpoint true"
+            if found
+            else "start a new run"
+        )
+        raise ValueError(
+            f"--resume_from_checkpoint {wanted} cannot be resumed from: {reason}. {fix[0].upper() + fix[1:]}."
+        )
 
 
 def load_dataset(script_args, dataset_args):
@@ -320,7 +390,9 @@ def load_dataset(script_args, dataset_args):
             )
         return get_dataset(dataset_args)
     if script_args.dataset_name:
-        return load_named_dataset(script_args.dataset_name, name=script_args.dataset_config, streaming=script_args.dataset_streaming)
+        return load_named_dataset(
+            script_args.dataset_name, name=script_args.dataset_config, streaming=script_args.dataset_streaming
+        )
     raise ValueError("Either `datasets` or `dataset_name` must be provided.")
 
 
@@ -337,7 +409,9 @@ def format_dataset(dataset, longlora_args, model_args, training_args):
         raise ValueError(f"--record_format needs a map-style dataset (not streaming); got {type(dataset).__name__}.")
     fields = record_fields(style, longlora_args.record_fields, "--record_fields")
     tokenizer = AutoTokenizer.from_pretrained(
-        model_args.model_name_or_path, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
+        model_args.model_name_or_path,
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
     )
     max_length = training_args.max_length
     formatted = DatasetDict()
@@ -347,7 +421,8 @@ def format_dataset(dataset, longlora_args, model_args, training_args):
         if os.environ.get("RANK", "0") == "0":  # every rank formats; the main one says so
             logger.warning(
                 f"LongLoRA {style} formatting of split {split!r}: {counts['kept']} kept, {counts['truncated']} "
-                f"truncated, {counts['dropped']} dropped (max_length {max_length}, too_long={longlora_args.too_long!r})"
+                f"truncated, {counts['dropped']} dropped (max_length {max_length}, "
+                f"too_long={longlora_args.too_long!r})"
             )
     return formatted
 
@@ -360,16 +435,52 @@ def training_data(script_args, training_args, model_args, dataset_args, longlora
     return dataset
 
 
-def main(script_args, training_args, model_args, dataset_args, longlora_args) -> None:
+def main(script_args, training_args, model_args, dataset_args, longlora_args) -> int:
     """TRL's SFT script (`trl/scripts/sft.py: main`) with LongLoRA: the same model loading, data loading,
     training, saving and publishing; `LongLoraSFTTrainer` and a `LongLoraConfig` unless `--longlora false`.
     The arguments are checked first (`check_arguments`); then the output_dir is claimed for the run
-    (`claimed_output_dir`) and what it holds, the checkpoint and the data are checked (`check_run_state`)."""
-    check_arguments(script_args, training_args, model_args, dataset_args, longlora_args)
-    with claimed_output_dir(training_args):
-        check_run_state(script_args, training_args, dataset_args, longlora_args)
-        dataset = training_data(script_args, training_args, model_args, dataset_args, longlora_args)
-        train(script_args, training_args, model_args, longlora_args, dataset)
+    (`claimed_output_dir`) and what it holds, the checkpoint and the data are checked (`check_run_state`).
+
+    Returns the exit code: 2 for input refused before training, said in one line by the main process (every rank
+    of a launch checks the same input; none prints a traceback), 0 otherwise, also for a finished run resumed
+    (nothing to train). An error during training keeps its traceback."""
+    with contextlib.ExitStack() as claim:
+        try:
+            check_arguments(script_args, training_args, model_args, dataset_args, longlora_args)
+            claim.enter_context(claimed_output_dir(training_args))
+            check_run_state(script_args, training_args, dataset_args, longlora_args)
+            dataset = training_data(script_args, training_args, model_args, dataset_args, longlora_args)
+        except RunFinished as finished:
+            _say(f"longlora-hf sft: {finished}", sys.stdout)
+            return 0
+        except (ValueError, OSError) as error:
+            _say(f"longlora-hf sft: error: {error}", sys.stderr)
+            return 2
+        try:
+            train(script_args, training_args, model_args, longlora_args, dataset)
+        except KeyboardInterrupt:
+            _say(f"longlora-hf sft: interrupted; {_resume_hint(training_args.output_dir)}", sys.stderr)
+            return 130
+        except HubError as error:
+            _say(f"longlora-hf sft: error: {error}", sys.stderr)
+            return 2
+    return 0
+
+
+def _resume_hint(output_dir) -> str:
+    """What an interrupted run left to resume from."""
+    from .training.checkpoints import last_complete_checkpoint
+
+    found, _ = last_complete_checkpoint(output_dir)
+    if found is None:
+        return f"no complete checkpoint was saved in {output_dir} (see --save_strategy), so a new run starts over."
+    return f"the newest complete checkpoint is {found}: continue with --resume_from_checkpoint true."
+
+
+def _say(line: str, stream) -> None:
+    """Print on the main process only (global rank 0, or a process no launcher started)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(line, file=stream, flush=True)
 
 
 def claimed_output_dir(training_args):
@@ -390,8 +501,12 @@ def check_arguments(script_args, training_args, model_args, dataset_args, longlo
     check_launch()
     check_longlora_arguments(longlora_args)
     check_numbers(training_args, model_args)
+    slow = slow_bf16_warning(training_args)
+    if slow and os.environ.get("RANK", "0") == "0":
+        logger.warning(slow)
     if longlora_args.longlora:
         longlora_config(model_args, training_args, longlora_args)  # validates the LongLoRA flags
+        check_context_covers_max_length(longlora_args.target_context_length, training_args.max_length)
     if model_args.load_in_4bit or model_args.load_in_8bit:
         check_bitsandbytes("--load_in_4bit" if model_args.load_in_4bit else "--load_in_8bit")
     if model_args.model_name_or_path is None:
@@ -399,7 +514,24 @@ def check_arguments(script_args, training_args, model_args, dataset_args, longlo
     # "config": TRL's loader takes .bin weights too; safetensors present are checked
     check_model_source(model_args.model_name_or_path, "--model_name_or_path", "config")
     check_sp_size(longlora_args.sp_size, model_args, training_args)
+    if longlora_args.longlora and longlora_args.use_s2_attn:
+        check_s2_trains(model_args, training_args)
     check_output_dir(script_args, training_args, model_args, dataset_args)
+
+
+def check_s2_trains(model_args, training_args) -> None:
+    """A local model S2-Attn cannot train is refused before it is loaded (from its config, on the meta device);
+    a Hub model is checked when it is loaded."""
+    if _local(model_args.model_name_or_path) is None:
+        return
+    from transformers import AutoConfig
+
+    from .attention import check_s2_compatible_config
+
+    config = AutoConfig.from_pretrained(
+        model_args.model_name_or_path, trust_remote_code=training_args.trust_remote_code
+    )
+    check_s2_compatible_config(config)
 
 
 def check_run_state(script_args, training_args, dataset_args, longlora_args) -> None:
@@ -414,6 +546,7 @@ def train(script_args, training_args, model_args, longlora_args, dataset) -> Non
     """Train on `dataset`, save, publish with `--push_to_hub`, and end the run: the second half of `main`."""
     from trl import SFTTrainer, get_peft_config, get_quantization_config
 
+    from .hub.push import hub_errors
     from .training import LongLoraSFTTrainer
 
     model_init_kwargs = dict(
@@ -436,14 +569,20 @@ def train(script_args, training_args, model_args, longlora_args, dataset) -> Non
         trainer_class, peft_config = LongLoraSFTTrainer, longlora_config(model_args, training_args, longlora_args)
     else:
         trainer_class, peft_config = SFTTrainer, get_peft_config(model_args)
-    trainer = trainer_class(
-        model=model_args.model_name_or_path,
-        args=training_args,
-        train_dataset=dataset[script_args.dataset_train_split],
-        eval_dataset=dataset[script_args.dataset_test_split] if training_args.eval_strategy != "no" else None,
-        quantization_config=get_quantization_config(model_args),
-        peft_config=peft_config,
+    creating_repo = (
+        hub_errors(training_args.hub_model_id, action="creating the repo for --push_to_hub (nothing trained yet)")
+        if training_args.push_to_hub
+        else contextlib.nullcontext()
     )
+    with creating_repo:  # the Trainer creates the Hub repo when it is built
+        trainer = trainer_class(
+            model=model_args.model_name_or_path,
+            args=training_args,
+            train_dataset=dataset[script_args.dataset_train_split],
+            eval_dataset=dataset[script_args.dataset_test_split] if training_args.eval_strategy != "no" else None,
+            quantization_config=get_quantization_config(model_args),
+            peft_config=peft_config,
+        )
     if longlora_args.sp_size > 1:  # `--longlora false` has no LongLoraCallback to start it
         from .training.sequence_parallel import start_deepspeed_comm
 
@@ -453,7 +592,8 @@ def train(script_args, training_args, model_args, longlora_args, dataset) -> Non
     save_model_whole(trainer, training_args.output_dir)
     trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
     if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+        with hub_errors(trainer.hub_model_id, kept=f"the trained adapter is saved in {training_args.output_dir}"):
+            trainer.push_to_hub(dataset_name=script_args.dataset_name)
         trainer.accelerator.print(f"Model pushed to the Hub in https://huggingface.co/{trainer.hub_model_id}.")
     # What `Trainer.end()` (transformers >= 5.18) does: finish the trackers and leave the process group.
     trainer.accelerator.end_training()
@@ -512,32 +652,31 @@ def parse_arguments(argv: list[str] | None = None, prog: str = "longlora-hf sft"
     model_args, longlora_args = parsed[2], parsed[4]
     for name, paper in PAPER_LORA_DEFAULTS.items():
         if getattr(model_args, name) is None:
-            setattr(model_args, name, paper if longlora_args.longlora else ModelConfig.__dataclass_fields__[name].default)
+            setattr(
+                model_args, name, paper if longlora_args.longlora else ModelConfig.__dataclass_fields__[name].default
+            )
     return parsed
 
 
 def run(args) -> int:
     """`longlora-hf sft`. Bad input (flags, options, data) found before training ends with one line and exit
     code 2; an error during training keeps its traceback."""
-    with contextlib.ExitStack() as claim:
-        try:
-            script_args, training_args, model_args, dataset_args, longlora_args = parse_arguments(args.command_argv)
-            check_arguments(script_args, training_args, model_args, dataset_args, longlora_args)
-            claim.enter_context(claimed_output_dir(training_args))
-            check_run_state(script_args, training_args, dataset_args, longlora_args)
-            dataset = training_data(script_args, training_args, model_args, dataset_args, longlora_args)
-        except (ValueError, OSError) as error:
-            print(f"longlora-hf sft: error: {error}", file=sys.stderr)
-            return 2
-        train(script_args, training_args, model_args, longlora_args, dataset)
-    return 0
+    try:
+        parsed = parse_arguments(args.command_argv)
+    except (ValueError, OSError) as error:
+        print(f"longlora-hf sft: error: {error}", file=sys.stderr)
+        return 2
+    return main(*parsed)
 
 
 def register(subparsers) -> None:
     """`longlora-hf sft`: every argument after the command goes to TRL's parser."""
     parser = subparsers.add_parser(
         "sft",
-        help="TRL's SFT script with LongLoRA: every flag of TRL's SFT script plus the LongLoRA ones (see `longlora-hf sft --help`).",
+        help=(
+            "TRL's SFT script with LongLoRA: every flag of TRL's SFT script plus the LongLoRA ones "
+            "(see `longlora-hf sft --help`)."
+        ),
         add_help=False,
     )
     parser.set_defaults(run=run, parses_its_own_arguments=True, reports_its_own_errors=True)
@@ -563,6 +702,7 @@ def leave_without_interpreter_teardown(code: int) -> None:
 
 
 if __name__ == "__main__":
-    main(*parse_arguments(prog="python -m longlora_hf.sft"))
+    code = main(*parse_arguments(prog="python -m longlora_hf.sft"))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        leave_without_interpreter_teardown(0)
+        leave_without_interpreter_teardown(code)
+    sys.exit(code)

@@ -1,1 +1,2 @@
-"""Model card templates (installed as `longlora_hf.model_cards`), filled with `str.format` by `longlora_hf.model_card`."""
+"""Model card templates (installed as `longlora_hf.model_cards`), filled with `str.format` by
+`longlora_hf.model_card`."""

@@ -17,18 +17,25 @@ import os
 import sys
 from pathlib import Path
 
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.distributed.checkpoint as dcp  # noqa: E402
 from peft import get_peft_model  # noqa: E402
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict  # noqa: E402
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)  # noqa: E402
 from torch.distributed.fsdp import fully_shard  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from longlora_hf import LongLoraConfig  # noqa: E402
 from longlora_hf.demo import ASSETS  # noqa: E402
+
 
 STEPS, LENGTH, LEARNING_RATE = 4, 512, 1e-3
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -16,6 +17,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import longlora_hf  # noqa: E402,F401  (registers "s2")
+
 
 COMMON = dict(
     vocab_size=128,

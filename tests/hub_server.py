@@ -76,8 +76,11 @@ class HubState:
         self.lock = threading.Lock()
 
     def create(self, repo_id: str, private: bool) -> Repo:
-        initial = Commit(hashlib.sha1(f"init {repo_id}".encode()).hexdigest(), "initial commit",
-                         {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"})
+        initial = Commit(
+            hashlib.sha1(f"init {repo_id}".encode()).hexdigest(),
+            "initial commit",
+            {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"},
+        )
         repo = self.repos[repo_id] = Repo(repo_id, private, [initial])
         return repo
 
@@ -188,8 +191,14 @@ class HubHandler(BaseHTTPRequestHandler):
     # -- routes ---------------------------------------------------------------------------------
     def whoami(self):
         user = self.user(required=True)
-        self.send_json({"type": "user", "name": user, "orgs": [], "auth": {"type": "access_token",
-                        "accessToken": {"displayName": "test", "role": "write"}}})
+        self.send_json(
+            {
+                "type": "user",
+                "name": user,
+                "orgs": [],
+                "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": "write"}},
+            }
+        )
 
     def validate_yaml(self):
         import yaml
@@ -239,11 +248,21 @@ class HubHandler(BaseHTTPRequestHandler):
     def repo_info(self, repo: str, rev: str | None = None):
         found = self.repo(repo)
         commit = self.commit_at(found, rev or "main")
-        self.send_json({
-            "id": repo, "modelId": repo, "author": repo.split("/")[0], "sha": commit.sha,
-            "private": found.private, "disabled": False, "gated": False, "tags": [], "downloads": 0, "likes": 0,
-            "siblings": [{"rfilename": name} for name in sorted(commit.files)],
-        })
+        self.send_json(
+            {
+                "id": repo,
+                "modelId": repo,
+                "author": repo.split("/")[0],
+                "sha": commit.sha,
+                "private": found.private,
+                "disabled": False,
+                "gated": False,
+                "tags": [],
+                "downloads": 0,
+                "likes": 0,
+                "siblings": [{"rfilename": name} for name in sorted(commit.files)],
+            }
+        )
 
     def file_entry(self, name: str, content: bytes) -> dict:
         return {"type": "file", "path": name, "size": len(content), "oid": git_blob_sha(content)}
@@ -256,7 +275,7 @@ class HubHandler(BaseHTTPRequestHandler):
         for name, content in sorted(commit.files.items()):
             if not name.startswith(prefix):
                 continue
-            rest = name[len(prefix):]
+            rest = name[len(prefix) :]
             if "/" in rest and not recursive:
                 folders.add(prefix + rest.split("/")[0])
                 continue
@@ -314,7 +333,9 @@ class HubHandler(BaseHTTPRequestHandler):
             digest.update(name.encode() + git_blob_sha(files[name]).encode())
         commit = Commit(digest.hexdigest(), message, files)
         found.commits.append(commit)
-        self.send_json({"success": True, "commitOid": commit.sha, "commitUrl": f"{self.endpoint}/{repo}/commit/{commit.sha}"})
+        self.send_json(
+            {"success": True, "commitOid": commit.sha, "commitUrl": f"{self.endpoint}/{repo}/commit/{commit.sha}"}
+        )
 
     def resolve(self, repo: str, rev: str, file: str):
         commit = self.commit_at(self.repo(repo), rev)
@@ -322,8 +343,10 @@ class HubHandler(BaseHTTPRequestHandler):
         headers = {"X-Repo-Commit": commit.sha}
         if content is None:
             raise HubError(404, f"Entry not found: {file}", "EntryNotFound")
-        self.send_bytes(content, headers={**headers, "ETag": f'"{git_blob_sha(content)}"',
-                                          "Content-Type": "application/octet-stream"})
+        self.send_bytes(
+            content,
+            headers={**headers, "ETag": f'"{git_blob_sha(content)}"', "Content-Type": "application/octet-stream"},
+        )
 
 
 class LocalHub:

@@ -7,10 +7,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from helpers import tiny_model
 from peft import get_peft_model
 
+from helpers import tiny_model
 from longlora_hf import LongLoraConfig
+
 
 LENGTH = 96  # divisible by 2 and 3; S2 groups of 24 tokens (ratio 1/4)
 PAD = 1  # the tiny models' pad_token_id
@@ -20,7 +21,8 @@ LEARNING_RATE = 0.05
 @dataclass(frozen=True)
 class Case:
     architecture: str  # a name in helpers.ARCHITECTURES
-    rows: str  # "whole": one row of LENGTH tokens; "packed": one row of two documents; "padded": two rows, one right-padded
+    # "whole": one row of LENGTH tokens; "packed": one row of two documents; "padded": two rows, one right-padded
+    rows: str
     overrides: dict = field(default_factory=dict)  # config keys over the architecture's
     checkpointing: bool = False  # reentrant gradient checkpointing (what TRL forces for PEFT under ZeRO-3)
     trains: bool = False  # two SGD steps, then evaluation and the adapter
@@ -41,7 +43,14 @@ CASES = {
     # 6 query heads over 3 ranks: rank 1 holds heads 2 (unshifted) and 3 (shifted); 3 kv heads, one per rank
     "six-heads-padded": Case("llama", "padded", dict(num_attention_heads=6, num_key_value_heads=3, hidden_size=48)),
 }
-TWO_PROCESS_CASES = ["mha-whole", "gqa-packed", "mqa-padded", "gqa-checkpointed", "gqa-trains", "gqa-packed-ignoring-head-offset"]
+TWO_PROCESS_CASES = [
+    "mha-whole",
+    "gqa-packed",
+    "mqa-padded",
+    "gqa-checkpointed",
+    "gqa-trains",
+    "gqa-packed-ignoring-head-offset",
+]
 THREE_PROCESS_CASES = ["six-heads-padded"]
 
 

@@ -10,8 +10,8 @@ slicing (what `UlyssesSPDataLoaderAdapter` hands each rank), the losses combined
 gradients summed over the group (what `deepspeed_sp_compute_loss` and the gradient reduction do; this
 combination gives P times the gradient, divided out here). Rank 0 writes OUT_DIR/CASE.json (loss, layouts
 built per forward) and OUT_DIR/CASE.safetensors (gradients; for `trains` cases also the evaluation logits of
-`sp_cases.eval_batches` after two SGD steps) and, for `trains` cases, the adapter in OUT_DIR/CASE-adapter. The single-process reference is
-computed by the test, in its own process, without sequence parallelism.
+`sp_cases.eval_batches` after two SGD steps) and, for `trains` cases, the adapter in OUT_DIR/CASE-adapter. The
+single-process reference is computed by the test, in its own process, without sequence parallelism.
 
 A case with `ignore_head_offset` (the negative control) makes every rank place its heads as if it held the
 first ones, as "s2" did before it knew its global head offset.
@@ -24,6 +24,7 @@ import os
 import sys
 from pathlib import Path
 
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -32,9 +33,9 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
-from sp_cases import CASES, build_model, eval_batches, sgd_step, train_batch  # noqa: E402
 
 import longlora_hf.attention.s2 as s2_module  # noqa: E402
+from sp_cases import CASES, build_model, eval_batches, sgd_step, train_batch  # noqa: E402
 
 
 def count_layouts() -> list[int]:
@@ -119,7 +120,11 @@ def register_sequence_parallel(model, case, size):
     ALL_ATTENTION_FUNCTIONS["s2"] = s2_module.s2_attention_forward
     state._release_sequence_parallel_groups()
     mpu = UlyssesSPAttentionHF.register_with_transformers(
-        model, "s2", sequence_parallel_size=size, micro_batch_size=case.batch, seq_length_is_variable=True,
+        model,
+        "s2",
+        sequence_parallel_size=size,
+        micro_batch_size=case.batch,
+        seq_length_is_variable=True,
         disable_in_eval=True,
     )
     return mpu.get_sequence_parallel_group()

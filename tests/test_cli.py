@@ -9,6 +9,7 @@ import pytest
 
 from longlora_hf import cli
 
+
 EXPECTED = {"example", "demo", "sft", "format", "merge", "convert-reference", "eval"}
 
 
@@ -88,7 +89,10 @@ def test_an_unknown_argument_of_any_other_command_is_refused(command, capsys):
 
 def test_bad_input_ends_with_one_line_naming_the_command_and_exit_2(tmp_path, capsys):
     missing = tmp_path / "missing.jsonl"
-    assert cli.main(["format", "--style", "longqa", "--input", str(missing), "--output", str(tmp_path / "out.jsonl")]) == 2
+    assert (
+        cli.main(["format", "--style", "longqa", "--input", str(missing), "--output", str(tmp_path / "out.jsonl")])
+        == 2
+    )
     error = capsys.readouterr().err
     assert error.startswith("longlora-hf format: error:") and str(missing) in error and error.count("\n") == 1
 
@@ -103,3 +107,35 @@ def test_no_help_or_docstring_states_a_time_the_readme_measures():
     texts.update({module.__name__: module.__doc__ or "" for module in cli.COMMANDS})
     timed = {where: stated_time.search(text).group() for where, text in texts.items() if stated_time.search(text)}
     assert not timed, timed
+
+
+def test_every_flag_of_the_commands_is_snake_case_as_in_transformers_and_trl():
+    for name, (_, parser) in registered().items():
+        for action in parser._actions:
+            shown = [flag for flag in action.option_strings if action.help is not argparse.SUPPRESS]
+            assert all("-" not in flag.lstrip("-") for flag in shown), f"{name}: {shown}"
+
+
+@pytest.mark.parametrize(
+    "command, old, new, value, expected",
+    [
+        ("format", "--max-length", "max_length", "128", 128),
+        ("format", "--too-long", "too_long", "drop", "drop"),
+        ("eval", "--batch-size", "batch_size", "4", 4),
+        ("eval", "--passkey-depths", "passkey_depths", "0.5", [0.5]),
+        ("merge", "--push-to-hub", "push_to_hub", "alice/m", "alice/m"),
+        ("convert-reference", "--target-context-length", "target_context_length", "1024", 1024),
+    ],
+)
+def test_the_kebab_case_spellings_of_0_1_still_work_with_a_deprecation_warning(command, old, new, value, expected):
+    parser = registered()[command][1]
+    required = {
+        "format": ["--style", "longqa", "--input", "i", "--output", "o"],
+        "eval": ["--model", "m", "--data", "d", "--lengths", "8"],
+        "merge": ["--base", "b", "--adapter", "a", "--out", "o"],
+        "convert-reference": ["--checkpoint", "c", "--out", "o"],
+    }[command]
+    with pytest.warns(FutureWarning, match=f"{old} is deprecated .* use --{new}"):
+        args = parser.parse_args([*required, old, value])
+    assert getattr(args, new) == expected
+    assert getattr(parser.parse_args([*required, f"--{new}", value]), new) == expected

@@ -61,7 +61,16 @@ def test_a_short_demo_run_writes_the_table_plot_and_an_adapter_with_its_card(tmp
 
     card = ModelCard((tmp_path / "adapter" / "README.md").read_text())
     assert card.data.tags == ["longlora", "lora", "peft"] and card.data.library_name == "peft"
-    assert card.data.pipeline_tag == "text-generation" and card.data.base_model is None  # a local path: no Hub metadata
-    for fact in ("| Original context | 256 tokens |", "| Target context | 2048 tokens |", "giving linear (factor 8, original 256",
-                 "| S2-Attn group size ratio | 0.25 (training only", "| Base model | `longlora_hf/demo/assets", "input embedding, every normalization layer", "| LongLoRA |"):
+    assert (
+        card.data.pipeline_tag == "text-generation" and card.data.base_model is None
+    )  # a local path: no Hub metadata
+    for fact in (
+        "| Original context | 256 tokens |",
+        "| Target context | 2048 tokens |",
+        "giving linear (factor 8, original 256",
+        "| S2-Attn group size ratio | 0.25 (training only",
+        "| Base model | `longlora_hf/demo/assets",
+        "input embedding, every normalization layer",
+        "| LongLoRA |",
+    ):
         assert fact in card.text

@@ -6,10 +6,10 @@ from __future__ import annotations
 import re
 
 import pytest
-from helpers import tiny_model
 from huggingface_hub import ModelCard
 from peft import LoraConfig, get_peft_model
 
+from helpers import tiny_model
 from longlora_hf import LongLoraConfig
 from longlora_hf.hub import push_adapter_to_hub, render_model_card, write_model_card
 from longlora_hf.model_card import GENERATED_MARK
@@ -25,24 +25,44 @@ def test_a_card_with_nothing_known_about_training_says_so_and_is_valid_hub_yaml(
     card = ModelCard(render_model_card(trained_config(), base_model="org/base-7b"))
     assert card.data.base_model == "org/base-7b" and card.data.library_name == "peft"
     assert card.data.pipeline_tag == "text-generation" and card.data.tags == ["longlora", "lora", "peft"]
-    for fact in ("| Base model | `org/base-7b` |", "| Original context | 256 tokens |", "| Target context | 512 tokens |",
-                 "| RoPE of the base model | default (theta 10000) |",
-                 "| Position extension | x2 over the base model's own scheme, giving linear (factor 2, original 256, theta 10000) |",
-                 "| S2-Attn group size ratio | 0.25",
-                 "| Training data | not recorded |", "| Training steps | not recorded |", "Not evaluated yet",
-                 "longlora-hf eval", "path/to/this/model"):
+    for fact in (
+        "| Base model | `org/base-7b` |",
+        "| Original context | 256 tokens |",
+        "| Target context | 512 tokens |",
+        "| RoPE of the base model | default (theta 10000) |",
+        "| Position extension | x2 over the base model's own scheme, giving linear (factor 2, original 256, theta "
+        "10000) |",
+        "| S2-Attn group size ratio | 0.25",
+        "| Training data | not recorded |",
+        "| Training steps | not recorded |",
+        "Not evaluated yet",
+        "longlora-hf eval",
+        "path/to/this/model",
+    ):
         assert fact in card.text, fact
 
 
 def test_the_card_states_training_data_steps_evaluation_and_the_repo():
     evaluation = {"base": {"512": 30.1, "1024": float("nan")}, "LongLoRA": {"512": 12.345, "1024": 13.0}}
-    text = render_model_card(trained_config(group_size=16, trainable_embeddings=False), base_model="org/base",
-                             repo_or_path="me/adapter", training_data="LongAlpaca-12k", training_steps=1000, evaluation=evaluation)
+    text = render_model_card(
+        trained_config(group_size=16, trainable_embeddings=False),
+        base_model="org/base",
+        repo_or_path="me/adapter",
+        training_data="LongAlpaca-12k",
+        training_steps=1000,
+        evaluation=evaluation,
+    )
     card = ModelCard(text)
-    for fact in ("| Training data | LongAlpaca-12k |", "| Training steps | 1000 |", "| S2-Attn group size ratio | 16 tokens",
-                 "| model | 512 tokens | 1024 tokens |", "| base | 30.10 | - |", "| LongLoRA | 12.35 | 13.00 |",
-                 "LoRA (r=8, alpha=16) on k_proj, o_proj, q_proj, v_proj; every normalization layer |",
-                 'AutoPeftModelForCausalLM.from_pretrained("me/adapter")'):
+    for fact in (
+        "| Training data | LongAlpaca-12k |",
+        "| Training steps | 1000 |",
+        "| S2-Attn group size ratio | 16 tokens",
+        "| model | 512 tokens | 1024 tokens |",
+        "| base | 30.10 | - |",
+        "| LongLoRA | 12.35 | 13.00 |",
+        "LoRA (r=8, alpha=16) on k_proj, o_proj, q_proj, v_proj; every normalization layer |",
+        'AutoPeftModelForCausalLM.from_pretrained("me/adapter")',
+    ):
         assert fact in card.text, fact
 
 
@@ -84,12 +104,16 @@ def test_no_credential_reaches_the_card(monkeypatch):
 
 @pytest.mark.parametrize(
     "make, named",
-    [(lambda: get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules=["q_proj"])), "a LoraConfig"),
-     (lambda: tiny_model("llama"), "missing (LlamaForCausalLM is not a PEFT model)")],
+    [
+        (lambda: get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules=["q_proj"])), "a LoraConfig"),
+        (lambda: tiny_model("llama"), "missing (LlamaForCausalLM is not a PEFT model)"),
+    ],
     ids=["plain-lora", "no-adapter"],
 )
 def test_push_adapter_to_hub_refuses_a_model_without_a_longlora_adapter_before_any_request(make, named):
-    with pytest.raises(ValueError, match=re.escape(f"this model's adapter is {named}. Use model.push_to_hub(repo_id)")):
+    with pytest.raises(
+        ValueError, match=re.escape(f"this model's adapter is {named}. Use model.push_to_hub(repo_id)")
+    ):
         push_adapter_to_hub(make(), "alice/never-pushed")  # HF_HUB_OFFLINE=1: a request would fail differently
 
 

@@ -22,9 +22,16 @@ import pytest
 
 import longlora_hf
 
+
 # Lowest first. A unit may import its own layer's units (without cycles) and those of the layers below.
 LAYERS = (
-    ("position_interpolation", "model_cards", "model_card", "paths"),  # leaves: torch, huggingface_hub, the templates; paths: what commands read and write
+    (
+        "position_interpolation",
+        "model_cards",
+        "model_card",
+        "paths",
+        "flags",
+    ),  # leaves: torch, huggingface_hub, the templates; paths: what commands read and write
     ("attention",),  # the "s2" backend
     ("tuner",),  # LongLoraConfig: position interpolation + S2 + the card it writes on save
     ("training", "hub", "metrics"),  # built on the tuner; metrics' eval command reads training's records
@@ -75,10 +82,14 @@ def imports_of(module: str, path: Path) -> list[Import]:
         elif isinstance(node, ast.ImportFrom):
             source = importlib.util.resolve_name("." * node.level + (node.module or ""), package)
             # `from . import metrics` imports the module longlora_hf.metrics; `from .x import name`, the module x
-            targets = [f"{source}.{alias.name}" if f"{source}.{alias.name}" in MODULES else source for alias in node.names]
+            targets = [
+                f"{source}.{alias.name}" if f"{source}.{alias.name}" in MODULES else source for alias in node.names
+            ]
         else:
             continue
-        found += [Import(module, path, node.lineno, target) for target in targets if target.split(".")[0] == "longlora_hf"]
+        found += [
+            Import(module, path, node.lineno, target) for target in targets if target.split(".")[0] == "longlora_hf"
+        ]
     return found
 
 
@@ -110,7 +121,7 @@ def first_cycle(edges: dict[str, dict[str, Import]]) -> list[str] | None:
 
     def cycle_from(node: str, path: list[str]) -> list[str] | None:
         if node in path:
-            return path[path.index(node):] + [node]
+            return path[path.index(node) :] + [node]
         for imported in edges.get(node, {}):
             cycle = cycle_from(imported, path + [node])
             if cycle:
@@ -195,7 +206,16 @@ def third_party_module_level_imports() -> set[str]:
 def test_every_module_imports_on_its_own_in_a_fresh_interpreter():
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(IMPORT_EACH), " ".join(MODULES), " ".join(sorted(third_party_module_level_imports()))],
-        env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(IMPORT_EACH),
+            " ".join(MODULES),
+            " ".join(sorted(third_party_module_level_imports())),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[:8000]  # the first failure in full

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import tiny_model, trained
 from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
 
+from helpers import tiny_model, trained
 from longlora_hf import LongLoraConfig, load_plain_lora, save_as_plain_lora
+
 
 ARCHS = ["llama", "qwen2", "llama3-rope", "gemma3-interleaved"]
 CONTEXT = 64  # the tiny bases' context; the adapters extend it to 128 (or 256)
@@ -70,6 +71,7 @@ def test_deleting_every_adapter_gives_back_the_base_model(arch):
     assert base_facts(model.get_base_model()) != facts  # the remaining adapter still runs the extension
     model.delete_adapter("second")
     assert base_facts(model.base_model.model) == facts  # (get_base_model needs an active adapter)
+    torch.testing.assert_close(logits(model.base_model.model), expected, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -134,7 +136,9 @@ def test_each_adapter_trains_with_its_own_attention_settings():
 def test_add_weighted_adapter_is_refused_with_lora_plus_modules_naming_the_way_round():
     _, _, model = longlora("llama")
     model.add_adapter("second", LongLoraConfig(target_context_length=2 * CONTEXT))
-    with pytest.raises(ValueError, match=r"combines LoRA factors only.*trainable_embeddings=False and trainable_norms"):
+    with pytest.raises(
+        ValueError, match=r"combines LoRA factors only.*trainable_embeddings=False and trainable_norms"
+    ):
         model.add_weighted_adapter(["default", "second"], [0.5, 0.5], "mix", combination_type="linear")
 
 
@@ -186,7 +190,11 @@ def test_a_mixed_adapter_batch_without_trained_norms_gives_each_row_its_adapters
 
 
 def test_a_plain_lora_adapter_loads_next_to_a_longlora_adapter_and_computes_what_peft_computes(tmp_path):
-    lora = trained(get_peft_model(base_model("llama", seed=3), LoraConfig(target_modules=["q_proj", "v_proj"], modules_to_save=["norm"])))
+    lora = trained(
+        get_peft_model(
+            base_model("llama", seed=3), LoraConfig(target_modules=["q_proj", "v_proj"], modules_to_save=["norm"])
+        )
+    )
     expected = logits(lora)
     lora.save_pretrained(tmp_path / "lora")
     model = trained(get_peft_model(base_model("llama", seed=3), LongLoraConfig()))

@@ -16,12 +16,12 @@ import textwrap
 
 import pytest
 import torch
-from helpers import tiny_model, trained
 from peft import get_peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import PeftType
 
 import longlora_hf
+from helpers import tiny_model, trained
 from longlora_hf import LongLoraConfig
 from longlora_hf.tuner import LongLoraModel
 
@@ -90,11 +90,15 @@ def test_a_saved_adapter_loads_in_a_new_process_after_import_longlora_hf_alone(t
         assert type(PeftConfig.from_pretrained({str(adapter_dir)!r})).__name__ == "LongLoraConfig"
         check = torch.load({str(tmp_path / "check.pt")!r}, weights_only=True)
         auto = AutoPeftModelForCausalLM.from_pretrained({str(adapter_dir)!r})
-        explicit = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({str(base_dir)!r}), {str(adapter_dir)!r})
+        explicit = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained({str(base_dir)!r}), {str(adapter_dir)!r}
+        )
         for loaded in (auto, explicit):
             with torch.no_grad():
                 torch.testing.assert_close(loaded(check["ids"]).logits, check["expected"], atol=1e-5, rtol=0)
     """
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True, text=True, cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True, text=True, cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -13,56 +13,110 @@ import json
 import pytest
 import torch
 import transformers
-from helpers import tiny_model, trained
 from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model
 
+from helpers import tiny_model, trained
 from longlora_hf import LongLoraConfig, save_as_plain_lora
 from longlora_hf.tuner import plan_position_interpolation
 
+
 TINY = dict(vocab_size=128, intermediate_size=64, num_hidden_layers=1, pad_token_id=1, bos_token_id=2, eos_token_id=3)
-LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
+LLAMA3 = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+    "rope_theta": 500000.0,
+}
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768, "rope_theta": 1000000.0}
 # Phi-3.5-mini's LongRoPE shape: 48 rescale factors per set (head size 96), short ones near 1, long ones growing.
 SHORT = [1.0 + 0.002 * i for i in range(48)]
 LONG = [1.0 + 0.06 * i**1.5 for i in range(48)]
 LONGROPE = {"rope_type": "longrope", "short_factor": SHORT, "long_factor": LONG, "rope_theta": 10000.0}
-GEMMA3 = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}, "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
+GEMMA3 = {
+    "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+    "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+}
 
 
 def llama2(rope=None, max_positions=4096):  # Llama-2-7B: head size 128, theta 10000, 4096 tokens
     rope = rope or {"rope_type": "default", "rope_theta": 10000.0}
-    return transformers.LlamaConfig(**TINY, hidden_size=256, num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=max_positions, rope_parameters=rope)
+    return transformers.LlamaConfig(
+        **TINY,
+        hidden_size=256,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+        rope_parameters=rope,
+    )
 
 
 def llama31(rope=None, max_positions=131072):  # Llama-3.1-8B: head size 128, llama3 x8 over 8192
-    return transformers.LlamaConfig(**TINY, hidden_size=256, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=max_positions, rope_parameters=dict(rope or LLAMA3))
+    return transformers.LlamaConfig(
+        **TINY,
+        hidden_size=256,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=max_positions,
+        rope_parameters=dict(rope or LLAMA3),
+    )
 
 
 def qwen25_yarn(rope=None, max_positions=32768):  # Qwen2.5-7B-Instruct with its documented YaRN x4 over 32768
-    return transformers.Qwen2Config(**TINY, hidden_size=256, num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=max_positions, rope_parameters=dict(rope or YARN))
+    return transformers.Qwen2Config(
+        **TINY,
+        hidden_size=256,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+        rope_parameters=dict(rope or YARN),
+    )
 
 
 def phi35_longrope(rope=None, max_positions=131072):  # Phi-3.5-mini: head size 96, 4096 original, 131072 now
     return transformers.Phi3Config(
-        **TINY, hidden_size=192, num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=max_positions,
-        original_max_position_embeddings=4096, rope_parameters=json.loads(json.dumps(rope or LONGROPE)),
+        **TINY,
+        hidden_size=192,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+        original_max_position_embeddings=4096,
+        rope_parameters=json.loads(json.dumps(rope or LONGROPE)),
     )
 
 
 def gemma3(rope=None, max_positions=131072):  # Gemma 3 4B: head size 256, 5 sliding (window 1024) : 1 full layers
     return transformers.Gemma3TextConfig(
-        **{**TINY, "num_hidden_layers": 6}, hidden_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=256,
-        max_position_embeddings=max_positions, sliding_window=1024, rope_parameters=json.loads(json.dumps(rope or GEMMA3)),
+        **{**TINY, "num_hidden_layers": 6},
+        hidden_size=64,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=256,
+        max_position_embeddings=max_positions,
+        sliding_window=1024,
+        rope_parameters=json.loads(json.dumps(rope or GEMMA3)),
     )
 
 
-GEMMA4 = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}, "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1000000.0}}
+GEMMA4 = {
+    "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+    "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1000000.0},
+}
 
 
-def gemma4(rope=None, max_positions=131072):  # Gemma 4: proportional RoPE (a quarter of the dims rotate) on full layers
+def gemma4(
+    rope=None, max_positions=131072
+):  # Gemma 4: proportional RoPE (a quarter of the dims rotate) on full layers
     return transformers.Gemma4TextConfig(
-        **{**TINY, "num_hidden_layers": 6}, hidden_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=256,
-        max_position_embeddings=max_positions, sliding_window=1024, rope_parameters=json.loads(json.dumps(rope or GEMMA4)),
+        **{**TINY, "num_hidden_layers": 6},
+        hidden_size=64,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=256,
+        max_position_embeddings=max_positions,
+        sliding_window=1024,
+        rope_parameters=json.loads(json.dumps(rope or GEMMA4)),
     )
 
 
@@ -70,25 +124,66 @@ def dynamic(rope=None, max_positions=4096):  # dynamic NTK x2 over a 4096-token 
     return llama2(rope or {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}, max_positions)
 
 
-def linear(rope=None, max_positions=4096):  # a reference LongLoRA merged model: linear x2, max_position_embeddings left at 4096
+def linear(
+    rope=None, max_positions=4096
+):  # a reference LongLoRA merged model: linear x2, max_position_embeddings left at 4096
     return llama2(rope or {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}, max_positions)
 
 
 # name -> (config builder, current context, expected (rope_parameters, max_position_embeddings) after extending by s)
 SCHEMES = {
-    "llama2-default": (llama2, 4096, lambda s: ({"rope_type": "linear", "factor": float(s), "original_max_position_embeddings": 4096, "rope_theta": 10000.0}, 4096 * s)),
-    "linear": (linear, 8192, lambda s: ({"rope_type": "linear", "factor": 2.0 * s, "original_max_position_embeddings": 4096, "rope_theta": 10000.0}, 8192 * s)),
+    "llama2-default": (
+        llama2,
+        4096,
+        lambda s: (
+            {
+                "rope_type": "linear",
+                "factor": float(s),
+                "original_max_position_embeddings": 4096,
+                "rope_theta": 10000.0,
+            },
+            4096 * s,
+        ),
+    ),
+    "linear": (
+        linear,
+        8192,
+        lambda s: (
+            {
+                "rope_type": "linear",
+                "factor": 2.0 * s,
+                "original_max_position_embeddings": 4096,
+                "rope_theta": 10000.0,
+            },
+            8192 * s,
+        ),
+    ),
     "dynamic": (dynamic, 8192, lambda s: ({"rope_type": "dynamic", "factor": 2.0 * s, "rope_theta": 10000.0}, 4096)),
     "llama3.1": (llama31, 131072, lambda s: ({**LLAMA3, "factor": 8.0 * s}, 131072 * s)),
     "qwen2.5-yarn": (qwen25_yarn, 131072, lambda s: ({**YARN, "factor": 4.0 * s}, 131072 * s)),
     "phi3.5-longrope": (
         phi35_longrope,
         131072,
-        lambda s: ({**LONGROPE, "long_factor": [v * s for v in LONG], "original_max_position_embeddings": 4096,
-                    "attention_factor": (1 + torch.tensor(32.0).log().item() / torch.tensor(4096.0).log().item()) ** 0.5}, 131072 * s),
+        lambda s: (
+            {
+                **LONGROPE,
+                "long_factor": [v * s for v in LONG],
+                "original_max_position_embeddings": 4096,
+                "attention_factor": (1 + torch.tensor(32.0).log().item() / torch.tensor(4096.0).log().item()) ** 0.5,
+            },
+            131072 * s,
+        ),
     ),
-    "gemma3": (gemma3, 131072, lambda s: ({**GEMMA3, "full_attention": {**GEMMA3["full_attention"], "factor": 8.0 * s}}, 131072 * s)),
-    "gemma4-proportional": (gemma4, 131072, lambda s: ({**GEMMA4, "full_attention": {**GEMMA4["full_attention"], "factor": float(s)}}, 131072 * s)),
+    "gemma3": (
+        gemma3,
+        131072,
+        lambda s: ({**GEMMA3, "full_attention": {**GEMMA3["full_attention"], "factor": 8.0 * s}}, 131072 * s),
+    ),
+    "gemma4-proportional": (
+        gemma4,
+        131072,
+        lambda s: ({**GEMMA4, "full_attention": {**GEMMA4["full_attention"], "factor": float(s)}}, 131072 * s),
+    ),
 }
 
 
@@ -103,8 +198,7 @@ def rotary_outputs(model_or_rotary, positions, layer_types=(None,)):
     position_ids = torch.tensor([positions])
     x = torch.zeros(1, len(positions), 8)
     return {
-        layer: rotary(x, position_ids) if layer is None else rotary(x, position_ids, layer)
-        for layer in layer_types
+        layer: rotary(x, position_ids) if layer is None else rotary(x, position_ids, layer) for layer in layer_types
     }
 
 
@@ -123,7 +217,9 @@ def probe_positions(current, s):
 def test_extending_gives_the_rotary_transformers_builds_from_the_expected_parameters(name, s):
     build, current, expected = SCHEMES[name]
     model = model_of(build())
-    config = get_peft_model(model, LongLoraConfig(target_context_length=current * s, use_s2_attn=False)).peft_config["default"]
+    config = get_peft_model(model, LongLoraConfig(target_context_length=current * s, use_s2_attn=False)).peft_config[
+        "default"
+    ]
     rope, max_positions = expected(s)
     reference_config = build(rope, max_positions)
     reference_rotary = type(model.model.rotary_emb)(reference_config)
@@ -167,7 +263,9 @@ def test_llama3_and_yarn_keep_the_dimensions_they_leave_untouched(name, untouche
         rotary_outputs(rotary, list(range(0, 8192, 97)))[None] for rotary in (type(before)(build()), after)
     )
     dims = torch.cat([keep, keep])
-    torch.testing.assert_close(cos_after[..., dims] / after.attention_scaling, cos_before[..., dims] / scaling_before, atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        cos_after[..., dims] / after.attention_scaling, cos_before[..., dims] / scaling_before, atol=1e-6, rtol=0
+    )
 
 
 @pytest.mark.parametrize("name", ["phi3.5-longrope", "dynamic"])
@@ -211,7 +309,9 @@ def test_a_target_within_the_current_context_changes_nothing_and_is_recorded(nam
     build, current, _ = SCHEMES[name]
     base = model_of(build())
     before = base.config.to_dict()
-    config = get_peft_model(base, LongLoraConfig(target_context_length=current // 2, use_s2_attn=False)).peft_config["default"]
+    config = get_peft_model(base, LongLoraConfig(target_context_length=current // 2, use_s2_attn=False)).peft_config[
+        "default"
+    ]
     after = base.config.to_dict()
     assert after["rope_parameters"] == before["rope_parameters"]
     assert after["max_position_embeddings"] == before["max_position_embeddings"]
@@ -221,13 +321,21 @@ def test_a_target_within_the_current_context_changes_nothing_and_is_recorded(nam
 
 @pytest.mark.parametrize(
     "name,rope_type",
-    [("llama3.1", "linear"), ("qwen2.5-yarn", "linear"), ("phi3.5-longrope", "yarn"), ("gemma3", "dynamic"), ("dynamic", "yarn")],
+    [
+        ("llama3.1", "linear"),
+        ("qwen2.5-yarn", "linear"),
+        ("phi3.5-longrope", "yarn"),
+        ("gemma3", "dynamic"),
+        ("dynamic", "yarn"),
+    ],
 )
 def test_an_explicit_rope_type_that_would_replace_the_models_scaling_is_refused_before_any_change(name, rope_type):
     build, current, _ = SCHEMES[name]
     base = model_of(build())
     before = base.config.to_dict()
-    with pytest.raises(ValueError, match=rf"rope_type='{rope_type}' would replace .* own RoPE scaling.*Leave rope_type unset"):
+    with pytest.raises(
+        ValueError, match=rf"rope_type='{rope_type}' would replace .* own RoPE scaling.*Leave rope_type unset"
+    ):
         get_peft_model(base, LongLoraConfig(target_context_length=current * 2, rope_type=rope_type, use_s2_attn=False))
     assert base.config.to_dict() == before
 
@@ -245,8 +353,6 @@ def ids():
     return torch.randint(4, 128, (2, 24), generator=torch.Generator().manual_seed(2))
 
 
-
-
 @pytest.mark.parametrize("name", SCHEMES)
 def test_the_adapter_records_both_schemes_and_every_way_back_reproduces_the_extension(name, tmp_path):
     build, current, expected = SCHEMES[name]
@@ -262,7 +368,7 @@ def test_the_adapter_records_both_schemes_and_every_way_back_reproduces_the_exte
     assert saved["original_rope_parameters"] == build().rope_parameters
     assert saved["rope_parameters"] == rope
     card = (tmp_path / "adapter" / "README.md").read_text()
-    original_type = (build().rope_parameters.get("rope_type") or "per layer type")
+    original_type = build().rope_parameters.get("rope_type") or "per layer type"
     assert "RoPE of the base model" in card and "x2 over the base model's own scheme" in card
     assert original_type in card or "full_attention" in card
 
@@ -274,7 +380,8 @@ def test_the_adapter_records_both_schemes_and_every_way_back_reproduces_the_exte
     reloaded.merge_and_unload().save_pretrained(tmp_path / "merged")
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert (merged.config.rope_parameters, merged.config.max_position_embeddings) == (rope, max_positions)
-    # merging adds B @ A into float32 weights: rounding, up to 8e-5 on Gemma 4's 6 layers (a wrong RoPE moves logits by >0.1)
+    # merging adds B @ A into float32 weights: rounding, up to 8e-5 on Gemma 4's 6 layers (a wrong RoPE moves logits
+    # by >0.1)
     torch.testing.assert_close(merged(ids()).logits, want, atol=2e-4, rtol=0)
 
     export = save_as_plain_lora(model, tmp_path / "plain")
@@ -288,25 +395,44 @@ def test_an_adapter_is_refused_on_a_base_with_other_rope(tmp_path):
     other = model_of(llama31({**LLAMA3, "factor": 4.0}))
     from peft import PeftModel
 
-    with pytest.raises(ValueError, match=r"trained over RoPE llama3 \(factor 8.*but the base model has llama3 \(factor 4"):
+    with pytest.raises(
+        ValueError, match=r"trained over RoPE llama3 \(factor 8.*but the base model has llama3 \(factor 4"
+    ):
         PeftModel.from_pretrained(other, tmp_path / "adapter")
 
 
 @pytest.mark.parametrize(
     "name,target,expected",
     [
-        # what longlora_hf 0.1.0 did: linear over max_position_embeddings (or a recorded original) times a linear factor
-        ("llama2-default", 16384, ({"rope_type": "linear", "factor": 4.0, "original_max_position_embeddings": 4096, "rope_theta": 10000.0}, 16384)),
+        # what longlora_hf 0.1.0 did: linear over max_position_embeddings (or a recorded original) times a linear
+        # factor
+        (
+            "llama2-default",
+            16384,
+            (
+                {
+                    "rope_type": "linear",
+                    "factor": 4.0,
+                    "original_max_position_embeddings": 4096,
+                    "rope_theta": 10000.0,
+                },
+                16384,
+            ),
+        ),
         # ... and over any other scheme, which it replaced (llama3's keys left in place): Llama-3.1 read as 8192 tokens
         ("llama3.1", 32768, ({**LLAMA3, "rope_type": "linear", "factor": 4.0}, 131072)),
         ("llama3.1", 8192, None),
     ],
 )
-def test_an_adapter_saved_by_the_previous_version_reloads_with_the_rope_it_was_trained_at(name, target, expected, tmp_path):
+def test_an_adapter_saved_by_the_previous_version_reloads_with_the_rope_it_was_trained_at(
+    name, target, expected, tmp_path
+):
     build, _, _ = SCHEMES[name]
     base = model_of(build())
     base.save_pretrained(tmp_path / "base")
-    get_peft_model(model_of(build()), LongLoraConfig(target_context_length=target, use_s2_attn=False)).save_pretrained(tmp_path / "adapter")
+    get_peft_model(model_of(build()), LongLoraConfig(target_context_length=target, use_s2_attn=False)).save_pretrained(
+        tmp_path / "adapter"
+    )
     path = tmp_path / "adapter" / "adapter_config.json"
     saved = json.loads(path.read_text())
     for key in ("original_rope_parameters", "rope_parameters", "shift", "inner_attn_implementation"):
@@ -315,7 +441,10 @@ def test_an_adapter_saved_by_the_previous_version_reloads_with_the_rope_it_was_t
     path.write_text(json.dumps(saved))
     reloaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter").get_base_model().config
     if expected is None:
-        assert (reloaded.rope_parameters, reloaded.max_position_embeddings) == (base.config.rope_parameters, base.config.max_position_embeddings)
+        assert (reloaded.rope_parameters, reloaded.max_position_embeddings) == (
+            base.config.rope_parameters,
+            base.config.max_position_embeddings,
+        )
     else:
         assert (reloaded.rope_parameters, reloaded.max_position_embeddings) == expected
 
@@ -328,13 +457,20 @@ def test_dynamic_ntk_on_per_layer_type_rope_is_refused_since_it_would_extend_not
 
 def test_linear_scaling_without_a_recorded_original_says_how_it_was_read():
     base = model_of(linear())
-    with pytest.warns(UserWarning, match=r"read as the reference LongLoRA convention .* handles 8192 tokens.*original_max_position_embeddings'\] = 2048"):
+    with pytest.warns(
+        UserWarning,
+        match=(
+            r"read as the reference LongLoRA convention .* handles 8192 tokens"
+            r".*original_max_position_embeddings'\] = 2048"
+        ),
+    ):
         get_peft_model(base, LongLoraConfig(target_context_length=16384, use_s2_attn=False))
 
 
 @pytest.mark.parametrize(
     "arguments",
-    [dict(target_context_length=value) for value in (0, -5, 1.5, "32k", True)] + [dict(target_context_length=8192, rope_type="llama3")],
+    [dict(target_context_length=value) for value in (0, -5, 1.5, "32k", True)]
+    + [dict(target_context_length=8192, rope_type="llama3")],
     ids=["zero", "negative", "float", "string", "bool", "rope_type-llama3"],
 )
 def test_the_config_and_the_planner_refuse_the_same_values_in_the_same_words(arguments):
@@ -349,13 +485,20 @@ def test_a_second_adapter_with_another_position_extension_is_refused_and_the_fir
     """Two LongLoRA adapters share one base RoPE: one trained for another extension would run on positions it was
     not trained for (logits off by up to 8 before), so loading it is refused; one of the same extension loads."""
     for name, target in (("a", 512), ("same", 512), ("other", 1024)):
-        trained(get_peft_model(tiny_model("llama", seed=len(name)), LongLoraConfig(target_context_length=target, use_s2_attn=False))).save_pretrained(tmp_path / name)
+        trained(
+            get_peft_model(
+                tiny_model("llama", seed=len(name)), LongLoraConfig(target_context_length=target, use_s2_attn=False)
+            )
+        ).save_pretrained(tmp_path / name)
     model = PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "a")
     ids = torch.randint(4, 128, (1, 400), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = model(ids).logits
     rope = model.get_base_model().config.rope_parameters
-    with pytest.raises(ValueError, match=r"RoPE default .* to linear \(factor 4.*other LongLoRA adapters run it extended to linear \(factor 2"):
+    with pytest.raises(
+        ValueError,
+        match=r"RoPE default .* to linear \(factor 4.*other LongLoRA adapters run it extended to linear \(factor 2",
+    ):
         model.load_adapter(tmp_path / "other", "other")
     model.load_adapter(tmp_path / "same", "same")
     model.set_adapter("default")

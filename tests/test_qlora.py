@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, 
 from longlora_hf import LongLoraConfig
 from longlora_hf.cli import main as cli_main
 
+
 bnb = pytest.importorskip("bitsandbytes")  # the test extra installs it; `pip install .` alone does not
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,8 +33,16 @@ def base_dir(tmp_path_factory) -> Path:
     """A small Llama-3.1-shaped model (GQA, llama3 RoPE off: plain) whose linear widths are multiples of 32, as
     bitsandbytes' CPU inference kernel needs (real models' are; the bundled demo model's MLP, 688, is not)."""
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
     path = tmp_path_factory.mktemp("qlora") / "base"
     LlamaForCausalLM(config).save_pretrained(path)
     return path
@@ -75,29 +84,70 @@ def test_longlora_trains_over_a_4bit_base_and_its_adapter_loads_over_both_bases_
 
     probe = torch.randint(0, 512, (1, 96), generator=torch.Generator().manual_seed(1))
     trained = logits(model, probe)
-    over_4bit = logits(PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=NF4, dtype=torch.float32), tmp_path / "adapter"), probe)
-    over_full = logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), tmp_path / "adapter"), probe)
+    over_4bit = logits(
+        PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=NF4, dtype=torch.float32),
+            tmp_path / "adapter",
+        ),
+        probe,
+    )
+    over_full = logits(
+        PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), tmp_path / "adapter"
+        ),
+        probe,
+    )
     torch.testing.assert_close(over_4bit, trained, atol=1e-5, rtol=0)  # the same quantized weights
-    # over the full-precision base: the NF4 rounding the adapter was trained over is gone (measured, stated in the README)
+    # over the full-precision base: the NF4 rounding the adapter was trained over is gone (measured, stated in the
+    # README)
     quantization_gap = (over_full - trained).abs().max()
     assert 1e-4 < quantization_gap < 0.5 * trained.abs().max(), quantization_gap
 
-    assert cli_main(["merge", "--base", str(base_dir), "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged")]) == 0
+    assert (
+        cli_main(
+            [
+                "merge",
+                "--base",
+                str(base_dir),
+                "--adapter",
+                str(tmp_path / "adapter"),
+                "--out",
+                str(tmp_path / "merged"),
+            ]
+        )
+        == 0
+    )
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert getattr(merged.config, "quantization_config", None) is None
     assert all(p.dtype == torch.float32 for p in merged.parameters())
     merged_logits = logits(merged, probe)
     torch.testing.assert_close(merged_logits, over_full, atol=1e-4, rtol=0)
-    print(f"QLoRA adapter: over the 4-bit base vs as trained {(over_4bit - trained).abs().max():.3g}; over the full-precision "
-          f"base vs as trained {quantization_gap:.3g} (logits up to {trained.abs().max():.3g}); merged vs over the full-precision "
-          f"base {(merged_logits - over_full).abs().max():.3g}")
+    print(
+        f"QLoRA adapter: over the 4-bit base vs as trained {(over_4bit - trained).abs().max():.3g}; over the "
+        f"full-precision base vs as trained {quantization_gap:.3g} (logits up to {trained.abs().max():.3g}); merged "
+        f"vs over the full-precision base {(merged_logits - over_full).abs().max():.3g}"
+    )
 
 
-def test_sft_load_in_4bit_trains_longlora_over_a_4bit_base_with_the_lora_plus_weights_in_float32(tmp_path, monkeypatch, caplog):
+def test_sft_load_in_4bit_trains_longlora_over_a_4bit_base_with_the_lora_plus_weights_in_float32(
+    tmp_path, monkeypatch, caplog
+):
     monkeypatch.chdir(ROOT)
-    args = ["sft", "--config", "trainer_configs/recipes/tiny_cpu.yaml", "--output_dir", str(tmp_path / "out"), "--max_steps", "2",
-            "--disable_tqdm", "true", "--load_in_4bit", "true", "--learning_rate", "2e-5"]
+    args = [
+        "sft",
+        "--config",
+        "trainer_configs/recipes/tiny_cpu.yaml",
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--max_steps",
+        "2",
+        "--disable_tqdm",
+        "true",
+        "--load_in_4bit",
+        "true",
+        "--learning_rate",
+        "2e-5",
+    ]
     with caplog.at_level("WARNING", logger="longlora_hf.training.callback"):
         assert cli_main(args) == 0
     assert "base quantized: bitsandbytes 4-bit nf4 (compute float32)" in caplog.text
@@ -118,10 +168,33 @@ def test_without_bitsandbytes_load_in_4bit_is_refused_with_the_extra_to_install(
     shadow = tmp_path / "shadow" / "bitsandbytes"
     shadow.mkdir(parents=True)
     (shadow / "__init__.py").write_text("raise ImportError('bitsandbytes is not installed here')\n")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{shadow.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": f"{shadow.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
     result = subprocess.run(
-        [sys.executable, "-m", "longlora_hf.cli", "sft", "--config", "trainer_configs/recipes/tiny_cpu.yaml", "--output_dir",
-         str(tmp_path / "out"), "--load_in_4bit", "true"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "longlora_hf.cli",
+            "sft",
+            "--config",
+            "trainer_configs/recipes/tiny_cpu.yaml",
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--load_in_4bit",
+            "true",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2
-    assert "longlora-hf sft: error: --load_in_4bit quantizes the base model with bitsandbytes, which cannot be imported" in result.stderr
+    assert (
+        "longlora-hf sft: error: --load_in_4bit quantizes the base model with bitsandbytes, which cannot be imported"
+        in result.stderr
+    )
     assert "pip install 'longlora-hf[qlora]'" in result.stderr and not (tmp_path / "out").exists()

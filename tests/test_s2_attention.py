@@ -8,10 +8,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from s2_reference import group_boundaries, masked_attention, s2_reference_mask, varlen_stand_in
 
 from longlora_hf.attention import S2AttentionSettings, s2, sequence_parallel
 from longlora_hf.attention.s2 import s2_attention_forward, s2_layout
+from s2_reference import group_boundaries, masked_attention, s2_reference_mask, varlen_stand_in
+
 
 TOLERANCE = 1e-10
 
@@ -33,7 +34,9 @@ def padding_mask_4d(real: torch.Tensor, position_ids: torch.Tensor | None = None
     causal = torch.ones(n, n, dtype=torch.bool).tril()
     mask = causal[None] & real[:, None, :]
     if position_ids is not None:
-        document = torch.cumsum(torch.cat([torch.ones_like(position_ids[:, :1]), (position_ids[:, 1:] == 0).long()], 1), 1)
+        document = torch.cumsum(
+            torch.cat([torch.ones_like(position_ids[:, :1]), (position_ids[:, 1:] == 0).long()], 1), 1
+        )
         mask &= document[:, :, None] == document[:, None, :]
     return mask[:, None]
 
@@ -159,7 +162,7 @@ def test_flash_varlen_layout_matches_the_reference_partition(monkeypatch):
     expected = []
     for half_head in (0, heads // 2):
         bounds, offset = [0], 0
-        for row, length in enumerate([22, 15]):
+        for length in (22, 15):
             row_mask = s2_reference_mask(torch.ones(1, length, dtype=torch.bool), heads)[0, half_head]
             bounds += [offset + b for b in group_boundaries(row_mask)[1:]]
             offset += length
@@ -309,6 +312,24 @@ def test_dense_attention_with_sinks_keeps_them_in_evaluation_and_with_a_cache(kv
     torch.testing.assert_close(out, reference_with_sinks(query, key, value, causal, sinks), atol=TOLERANCE, rtol=0)
 
 
+@pytest.mark.parametrize("window", [None, 5])
+def test_dense_attention_with_sinks_and_flash_as_the_inner_backend_keeps_them(window, monkeypatch):
+    """transformers' flash-attn function drops `s_aux`: with flash inner, evaluation computes the sinks itself from
+    the flash mask (2D padding), the causal rule and the sliding window, and calls no flash kernel."""
+    n = 16
+    query, key, value = qkv(2, 4, 2, n)
+    sinks = torch.randn(4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    real = torch.arange(n)[None, :] >= torch.tensor([0, 3])[:, None]  # the second row left-padded
+    monkeypatch.setitem(s2.ALL_ATTENTION_FUNCTIONS._global_mapping, "flash_attention_2", None)  # a call would fail
+    module = attention_module(training=False, inner_attn_implementation="flash_attention_2")
+    out, _ = s2_attention_forward(module, query, key, value, real.long(), s_aux=sinks, sliding_window=window)
+    allowed = padding_mask_4d(real)
+    if window is not None:
+        allowed = allowed & (torch.arange(n)[None, :] > torch.arange(n)[:, None] - window)
+    expected = reference_with_sinks(query, key, value, allowed.expand(2, 4, n, n), sinks)
+    torch.testing.assert_close(out[real], expected[real], atol=TOLERANCE, rtol=0)
+
+
 @pytest.mark.parametrize(
     "argument", [dict(softcap=30.0), dict(head_mask=torch.ones(4)), dict(attention_bias=torch.zeros(1, 4, 16, 16))]
 )
@@ -323,8 +344,16 @@ def test_an_attention_argument_s2_does_not_implement_is_refused_in_training(argu
 def test_bookkeeping_arguments_and_unset_ones_pass():
     query, key, value = qkv(1, 4, 4, 16)
     out, _ = s2_attention_forward(
-        attention_module(), query, key, value, None, softcap=None, use_cache=False, output_attentions=False,
-        cache_position=torch.arange(16), position_ids=torch.arange(16)[None],
+        attention_module(),
+        query,
+        key,
+        value,
+        None,
+        softcap=None,
+        use_cache=False,
+        output_attentions=False,
+        cache_position=torch.arange(16),
+        position_ids=torch.arange(16)[None],
     )
     mask = s2_reference_mask(torch.ones(1, 16, dtype=torch.bool), 4)
     torch.testing.assert_close(out, masked_attention(query, key, value, mask), atol=TOLERANCE, rtol=0)
@@ -334,7 +363,7 @@ def test_non_causal_attention_is_refused_in_training():
     query, key, value = qkv(1, 4, 4, 16)
     module = attention_module()
     module.is_causal = False
-    message = r"causal language models.* is non-causal \(is_causal=False.*attn_implementation='sdpa'"
+    message = r"causal language models.* is non-causal \(is_causal=False.*use_s2_attn=False.*--use_s2_attn false"
     with pytest.raises(ValueError, match=message):
         s2_attention_forward(module, query, key, value, None)
 
@@ -367,7 +396,12 @@ def test_under_sequence_parallelism_a_dense_call_without_a_mask_keeps_the_docume
     monkeypatch.setattr(s2, "ulysses_group", lambda: (0, 2))  # this process runs sequence parallelism
     heads, n = 4, 24
     query, key, value = qkv(2, heads, 2, n)
-    position_ids = torch.stack([torch.cat([torch.arange(11), torch.arange(13)]), torch.cat([torch.arange(20), torch.zeros(4, dtype=torch.long)])])
+    position_ids = torch.stack(
+        [
+            torch.cat([torch.arange(11), torch.arange(13)]),
+            torch.cat([torch.arange(20), torch.zeros(4, dtype=torch.long)]),
+        ]
+    )
     out, _ = s2_attention_forward(attention_module(training=False), query, key, value, None, position_ids=position_ids)
     mask = padding_mask_4d(torch.ones(2, n, dtype=torch.bool), position_ids).expand(2, heads, n, n)
     torch.testing.assert_close(out, masked_attention(query, key, value, mask), atol=TOLERANCE, rtol=0)
@@ -420,8 +454,17 @@ def test_a_sequence_parallel_rank_runs_its_heads_as_the_whole_model_runs_them(he
     kv_share = max(kv_heads // ranks, 1)
     for rank in range(ranks):
         monkeypatch.setattr(sequence_parallel, "ulysses_group", lambda rank=rank: (rank, ranks))
-        kv = slice((rank // repeat) * kv_share, (rank // repeat + 1) * kv_share) if repeat > 1 else slice(rank * kv_share, (rank + 1) * kv_share)
+        kv = (
+            slice((rank // repeat) * kv_share, (rank // repeat + 1) * kv_share)
+            if repeat > 1
+            else slice(rank * kv_share, (rank + 1) * kv_share)
+        )
         out, _ = s2_attention_forward(
-            module, query[:, rank * share : (rank + 1) * share], key[:, kv], value[:, kv], None, position_ids=torch.arange(n)[None]
+            module,
+            query[:, rank * share : (rank + 1) * share],
+            key[:, kv],
+            value[:, kv],
+            None,
+            position_ids=torch.arange(n)[None],
         )
         torch.testing.assert_close(out, whole[:, :, rank * share : (rank + 1) * share], atol=TOLERANCE, rtol=0)

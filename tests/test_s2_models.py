@@ -15,14 +15,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 import transformers
-from helpers import ARCHITECTURES, COMMON, shadow_longlora_hf, tiny_config, tiny_model
-from s2_reference import masked_attention, s2_reference_mask
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import longlora_hf
+from helpers import ARCHITECTURES, COMMON, shadow_longlora_hf, tiny_config, tiny_model
 from longlora_hf.attention import S2AttentionSettings, S2Mask, s2, use_s2_attention
 from longlora_hf.attention.s2 import s2_attention_forward
+from s2_reference import masked_attention, s2_reference_mask
+
 
 ARCHS = list(ARCHITECTURES)
 
@@ -38,7 +39,9 @@ def register_reference(real, position_ids=None, **groups):
     """Register "s2_reference": the explicit-mask float64 reference, told the padding and documents by the test."""
 
     def reference_attention(module, query, key, value, attention_mask, scaling=None, sliding_window=None, **kwargs):
-        mask = s2_reference_mask(real, query.shape[1], position_ids=position_ids, sliding_window=sliding_window, **groups)
+        mask = s2_reference_mask(
+            real, query.shape[1], position_ids=position_ids, sliding_window=sliding_window, **groups
+        )
         return masked_attention(query, key, value, mask, scaling).to(query.dtype), None
 
     AttentionInterface.register("s2_reference", reference_attention)
@@ -128,9 +131,11 @@ def test_the_added_architectures_have_the_features_they_stand_for():
     """Guards the table: each entry below really has the feature it was added for."""
     rope = tiny_config("llama3-rope").rope_parameters
     assert rope["rope_type"] == "llama3" and rope["original_max_position_embeddings"] < 24  # the tests' length
-    for arch, experts, top_k in [("mixtral", "num_local_experts", "num_experts_per_tok"),
-                                 ("qwen3-moe", "num_experts", "num_experts_per_tok"),
-                                 ("deepseek-v3", "n_routed_experts", "num_experts_per_tok")]:
+    for arch, experts, top_k in [
+        ("mixtral", "num_local_experts", "num_experts_per_tok"),
+        ("qwen3-moe", "num_experts", "num_experts_per_tok"),
+        ("deepseek-v3", "n_routed_experts", "num_experts_per_tok"),
+    ]:
         config = tiny_config(arch)
         assert 1 < getattr(config, top_k) < getattr(config, experts), arch
     layer_types = tiny_config("gemma3-interleaved").layer_types
@@ -278,7 +283,9 @@ def test_training_mode_never_leaks_later_tokens(arch):
     ids, _ = batch(lengths=(24, 24))
     cut = 13
     changed = ids.clone()
-    changed[:, cut + 1 :] = torch.randint(4, 128, changed[:, cut + 1 :].shape, generator=torch.Generator().manual_seed(9))
+    changed[:, cut + 1 :] = torch.randint(
+        4, 128, changed[:, cut + 1 :].shape, generator=torch.Generator().manual_seed(9)
+    )
     outputs, grads = [], []
     for tokens in (ids, changed):
         model.zero_grad()
@@ -406,9 +413,19 @@ def test_an_encoder_loaded_with_s2_fails_clearly_in_training():
 def deepseek_sparse_attention():
     """A tiny DeepSeek-V3.2: its attention picks the keys of each query with an indexer that reads the mask."""
     config = transformers.DeepseekV32Config(
-        **{**COMMON, "num_attention_heads": 4, "num_key_value_heads": 4}, moe_intermediate_size=16, q_lora_rank=16,
-        kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, n_routed_experts=4,
-        num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
+        **{**COMMON, "num_attention_heads": 4, "num_key_value_heads": 4},
+        moe_intermediate_size=16,
+        q_lora_rank=16,
+        kv_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=8,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        n_group=1,
+        topk_group=1,
     )
     torch.manual_seed(0)
     return transformers.DeepseekV32ForCausalLM(config)
@@ -417,7 +434,9 @@ def deepseek_sparse_attention():
 def test_a_model_with_a_sparse_attention_indexer_is_refused():
     """S2 reads only the padding from the mask, so the indexer's selection would be silently dropped."""
     model = deepseek_sparse_attention()
-    with pytest.raises(ValueError, match=r"DeepseekV32ForCausalLM chooses the keys .* own indexer \(DeepseekV32Indexer"):
+    with pytest.raises(
+        ValueError, match=r"DeepseekV32ForCausalLM chooses the keys .* own indexer \(DeepseekV32Indexer"
+    ):
         use_s2_attention(model)
     assert model.config._attn_implementation != "s2"
 
@@ -426,16 +445,18 @@ def test_a_model_that_uses_the_mask_as_a_tensor_fails_clearly_when_switched_to_s
     model = deepseek_sparse_attention()
     model.set_attn_implementation("s2")
     model.train()
-    with pytest.raises(TypeError, match="uses the attention mask as a tensor inside its layers.*attn_implementation='sdpa'"):
+    with pytest.raises(
+        TypeError, match="uses the attention mask as a tensor inside its layers.*attn_implementation='sdpa'"
+    ):
         model(torch.randint(4, 128, (1, 16)))
 
 
-@pytest.mark.parametrize(
-    "heads,kv_heads", [(9, 3), (15, 5)], ids=["smollm2-135m-heads", "smollm2-360m-heads"]
-)
+@pytest.mark.parametrize("heads,kv_heads", [(9, 3), (15, 5)], ids=["smollm2-135m-heads", "smollm2-360m-heads"])
 def test_smollm2s_odd_head_counts_train_with_s2_as_the_reference_partition(heads, kv_heads):
     """SmolLM2 (Llama architecture) has 9 / 3 and 15 / 5 query / kv heads: S2 shifts heads [H // 2, H)."""
-    model = tiny_model("llama", num_attention_heads=heads, num_key_value_heads=kv_heads, hidden_size=8 * heads).double()
+    model = tiny_model(
+        "llama", num_attention_heads=heads, num_key_value_heads=kv_heads, hidden_size=8 * heads
+    ).double()
     ids, attention_mask = batch()
     register_reference(attention_mask.bool())
     model.set_attn_implementation("s2_reference")
@@ -669,7 +690,9 @@ def test_a_batch_from_data_collator_with_flattening_is_grouped_per_document():
     from transformers import DataCollatorWithFlattening
 
     generator = torch.Generator().manual_seed(5)
-    features = [{"input_ids": torch.randint(4, 128, (length,), generator=generator).tolist()} for length in (13, 20, 7)]
+    features = [
+        {"input_ids": torch.randint(4, 128, (length,), generator=generator).tolist()} for length in (13, 20, 7)
+    ]
     packed = DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_tensors="pt")(features)
     model = tiny_model("llama").double().train()
     register_reference(torch.ones(1, 40, dtype=torch.bool), position_ids=packed["position_ids"])
@@ -713,9 +736,13 @@ def test_groups_under_two_tokens_raise_in_training_outside_the_callback(arch):
 
     model = get_peft_model(tiny_model(arch), longlora_hf.LongLoraConfig(group_size_ratio=0.02)).train()
     ids, _ = batch(n=64, lengths=(64, 64))
-    with pytest.raises(ValueError, match=(
-        r"a training sequence of 64 tokens gets groups of int\(64 x group_size_ratio 0.02\) = 1 token\(s\); "
-        r"groups need at least 2 tokens.*Raise group_size_ratio to at least 0.032 .*or set group_size")):
+    with pytest.raises(
+        ValueError,
+        match=(
+            r"a training sequence of 64 tokens gets groups of int\(64 x group_size_ratio 0.02\) = 1 token\(s\); "
+            r"groups need at least 2 tokens.*Raise group_size_ratio to at least 0.032 .*or set group_size"
+        ),
+    ):
         model(input_ids=ids, labels=ids)
     model.eval()
     with torch.no_grad():
@@ -725,8 +752,12 @@ def test_groups_under_two_tokens_raise_in_training_outside_the_callback(arch):
 def test_groups_under_two_tokens_at_the_target_context_are_refused_when_the_adapter_is_made():
     from peft import get_peft_model
 
-    with pytest.raises(ValueError, match=r"sequence of 1024 tokens gets groups of int\(1024 x group_size_ratio 0.001\) = 1 token"):
-        get_peft_model(tiny_model("llama"), longlora_hf.LongLoraConfig(group_size_ratio=0.001, target_context_length=1024))
+    with pytest.raises(
+        ValueError, match=r"sequence of 1024 tokens gets groups of int\(1024 x group_size_ratio 0.001\) = 1 token"
+    ):
+        get_peft_model(
+            tiny_model("llama"), longlora_hf.LongLoraConfig(group_size_ratio=0.001, target_context_length=1024)
+        )
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -738,35 +769,73 @@ def test_sequences_too_short_for_two_token_groups_train_with_dense_attention(arc
     model = get_peft_model(tiny_model(arch), longlora_hf.LongLoraConfig(group_size_ratio=0.25)).train()
     ids, _ = batch(n=7, lengths=(7,))  # int(7 x 0.25) = 1
     s2_loss = model(input_ids=ids, labels=ids).loss  # no error
-    dense = get_peft_model(tiny_model(arch), longlora_hf.LongLoraConfig(group_size_ratio=0.25, use_s2_attn=False)).train()
+    dense = get_peft_model(
+        tiny_model(arch), longlora_hf.LongLoraConfig(group_size_ratio=0.25, use_s2_attn=False)
+    ).train()
     dense.load_state_dict(model.state_dict())
     torch.testing.assert_close(s2_loss, dense(input_ids=ids, labels=ids).loss, atol=1e-6, rtol=0)
     packed = torch.arange(40) % 5  # eight 5-token documents in a 40-token row: short documents, long row
-    assert torch.isfinite(model(input_ids=ids.new_full((1, 40), 7), position_ids=packed[None], labels=ids.new_full((1, 40), 7)).loss)
+    assert torch.isfinite(
+        model(input_ids=ids.new_full((1, 40), 7), position_ids=packed[None], labels=ids.new_full((1, 40), 7)).loss
+    )
 
 
 # 2025-26 layouts: hybrids whose linear-attention or Mamba layers do not use the attention registry, Llama 4's
 # chunked attention beside NoPE full-attention layers, SmolLM3's NoPE layers. Tiny, with their real layer patterns.
 # Experts run "eager": the default grouped_mm kernel has no float64 on the CPU.
-SMALL = dict(COMMON, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=8, experts_implementation="eager")
+SMALL = dict(
+    COMMON,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    experts_implementation="eager",
+)
 LAYOUTS = {
     # Qwen3-Next: three Gated DeltaNet (linear attention) layers, then one gated full-attention layer.
-    "qwen3-next": ("Qwen3NextConfig", "Qwen3NextForCausalLM", dict(
-        linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8,
-        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=16,
-        layer_types=["linear_attention"] * 3 + ["full_attention"],
-    )),
+    "qwen3-next": (
+        "Qwen3NextConfig",
+        "Qwen3NextForCausalLM",
+        dict(
+            linear_num_value_heads=4,
+            linear_num_key_heads=2,
+            linear_key_head_dim=8,
+            linear_value_head_dim=8,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=16,
+            layer_types=["linear_attention"] * 3 + ["full_attention"],
+        ),
+    ),
     # Granite-4 (GraniteMoeHybrid): Mamba-2 layers and one attention layer, no RoPE (NoPE).
-    "granite-4-hybrid": ("GraniteMoeHybridConfig", "GraniteMoeHybridForCausalLM", dict(
-        layer_types=["mamba"] * 3 + ["attention"], mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8,
-        mamba_n_groups=1, num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=32,
-    )),
+    "granite-4-hybrid": (
+        "GraniteMoeHybridConfig",
+        "GraniteMoeHybridForCausalLM",
+        dict(
+            layer_types=["mamba"] * 3 + ["attention"],
+            mamba_n_heads=4,
+            mamba_d_head=16,
+            mamba_d_state=8,
+            mamba_n_groups=1,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            shared_intermediate_size=32,
+        ),
+    ),
     # Llama 4: chunked attention on its RoPE layers (chunks of 12 here, 8192 in the checkpoints), every fourth
     # layer global and NoPE.
-    "llama4": ("Llama4TextConfig", "Llama4ForCausalLM", dict(
-        attention_chunk_size=12, num_local_experts=2, interleave_moe_layer_step=2, intermediate_size_mlp=64,
-        no_rope_layers=[1, 1, 1, 0],
-    )),
+    "llama4": (
+        "Llama4TextConfig",
+        "Llama4ForCausalLM",
+        dict(
+            attention_chunk_size=12,
+            num_local_experts=2,
+            interleave_moe_layer_step=2,
+            intermediate_size_mlp=64,
+            no_rope_layers=[1, 1, 1, 0],
+        ),
+    ),
     # SmolLM3: every fourth layer NoPE.
     "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", dict(no_rope_layers=[1, 1, 1, 0])),
 }
@@ -779,7 +848,7 @@ def layout_model(name, seed=0, **overrides):
 
 
 def register_reference_by_layer_type(real):
-    """"s2_reference" where a chunked-attention layer keeps the model's own (chunked) mask: those layers train as
+    """ "s2_reference" where a chunked-attention layer keeps the model's own (chunked) mask: those layers train as
     they are; every other layer that reaches the registry gets the explicit S2 partition."""
 
     def reference_attention(module, query, key, value, attention_mask, scaling=None, sliding_window=None, **kwargs):
@@ -826,7 +895,9 @@ def test_qwen3_next_is_accepted_although_it_does_not_declare_backend_support():
     assert model.config._attn_implementation == "s2"
 
 
-@pytest.mark.parametrize("name,no_rope_layers,changes", [("smollm3", [0, 0, 0, 0], False), ("smollm3", [1, 1, 1, 0], True)])
+@pytest.mark.parametrize(
+    "name,no_rope_layers,changes", [("smollm3", [0, 0, 0, 0], False), ("smollm3", [1, 1, 1, 0], True)]
+)
 def test_position_interpolation_changes_nothing_in_nope_layers(name, no_rope_layers, changes):
     """With every layer NoPE the extension changes no logit; with RoPE layers it does (zero-initialised LoRA)."""
     from peft import get_peft_model
@@ -846,7 +917,9 @@ def test_a_nope_hybrid_without_a_rotary_module_refuses_an_extension_and_trains_w
 
     from longlora_hf import LongLoraConfig
 
-    with pytest.raises(ValueError, match=r"no RoPE \(NoPE.*target_context_length=None \(LoRA\+ and S2-Attn still apply"):
+    with pytest.raises(
+        ValueError, match=r"no RoPE \(NoPE.*target_context_length=None \(LoRA\+ and S2-Attn still apply"
+    ):
         get_peft_model(layout_model("granite-4-hybrid"), LongLoraConfig(target_context_length=512))
     model = get_peft_model(layout_model("granite-4-hybrid"), LongLoraConfig())
     assert model.get_base_model().config._attn_implementation == "s2"

@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_model
 from peft import get_peft_model
-from s2_reference import masked_attention, s2_reference_mask, varlen_stand_in
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from helpers import tiny_model
 from longlora_hf import LongLoraConfig
 from longlora_hf.attention import S2AttentionSettings, s2
 from longlora_hf.sft import LongLoraArguments, longlora_config, make_parser
+from s2_reference import masked_attention, s2_reference_mask, varlen_stand_in
 
 
 def test_every_s2_setting_is_a_field_of_the_config_and_a_flag_of_sft_with_the_backends_help():
@@ -30,9 +30,29 @@ def test_every_s2_setting_is_a_field_of_the_config_and_a_flag_of_sft_with_the_ba
 
 def test_sft_flags_reach_the_config():
     parser = make_parser()
-    args = ["--output_dir", "out", "--model_name_or_path", "m", "--max_length", "4096", "--use_cpu", "--bf16", "false", "--group_size", "64",
-            "--no_shift", "--inner_attn_implementation", "flash_attention_2", "--rope_type", "yarn", "--lora_r", "4"]
-    _, training_args, model_args, _, longlora_args = parser.parse_args_and_config(args=args, fail_with_unknown_args=True)
+    args = [
+        "--output_dir",
+        "out",
+        "--model_name_or_path",
+        "m",
+        "--max_length",
+        "4096",
+        "--use_cpu",
+        "--bf16",
+        "false",
+        "--group_size",
+        "64",
+        "--no_shift",
+        "--inner_attn_implementation",
+        "flash_attention_2",
+        "--rope_type",
+        "yarn",
+        "--lora_r",
+        "4",
+    ]
+    _, training_args, model_args, _, longlora_args = parser.parse_args_and_config(
+        args=args, fail_with_unknown_args=True
+    )
     config = longlora_config(model_args, training_args, longlora_args)
     assert (config.group_size, config.shift, config.inner_attn_implementation) == (64, False, "flash_attention_2")
     assert (config.rope_type, config.r, config.target_context_length) == ("yarn", 4, 4096)
@@ -44,7 +64,9 @@ def with_loaded_attention(model, implementation):
     return model
 
 
-@pytest.mark.parametrize("loaded,inner", [("sdpa", "sdpa"), ("eager", "sdpa"), ("flash_attention_2", "flash_attention_2")])
+@pytest.mark.parametrize(
+    "loaded,inner", [("sdpa", "sdpa"), ("eager", "sdpa"), ("flash_attention_2", "flash_attention_2")]
+)
 def test_the_inner_kernel_defaults_to_the_attention_the_model_was_loaded_with(loaded, inner):
     model = with_loaded_attention(tiny_model("llama"), loaded)
     get_peft_model(model, LongLoraConfig())
@@ -55,7 +77,9 @@ def test_the_inner_kernel_defaults_to_the_attention_the_model_was_loaded_with(lo
 def test_an_explicit_inner_kernel_wins_over_the_loaded_one():
     model = with_loaded_attention(tiny_model("llama"), "flash_attention_2")
     get_peft_model(model, LongLoraConfig(inner_attn_implementation="sdpa", shift=False, group_size=8))
-    assert S2AttentionSettings.from_config(model.config) == S2AttentionSettings(group_size=8, shift=False, inner_attn_implementation="sdpa")
+    assert S2AttentionSettings.from_config(model.config) == S2AttentionSettings(
+        group_size=8, shift=False, inner_attn_implementation="sdpa"
+    )
 
 
 def test_a_model_loaded_with_flash_attention_2_trains_through_the_varlen_path(monkeypatch):
@@ -68,14 +92,18 @@ def test_a_model_loaded_with_flash_attention_2_trains_through_the_varlen_path(mo
     reference = tiny_model("llama").double().train()
 
     def reference_attention(module, query, key, value, mask, scaling=None, **kwargs):
-        return masked_attention(query, key, value, s2_reference_mask(attention_mask.bool(), query.shape[1]), scaling), None
+        return masked_attention(
+            query, key, value, s2_reference_mask(attention_mask.bool(), query.shape[1]), scaling
+        ), None
 
     AttentionInterface.register("s2_reference_partition", reference_attention)
     AttentionMaskInterface.register("s2_reference_partition", sdpa_mask)
     reference.set_attn_implementation("s2_reference_partition")
     expected = reference(ids, attention_mask=attention_mask).logits
 
-    model = get_peft_model(with_loaded_attention(tiny_model("llama").double(), "flash_attention_2"), LongLoraConfig(lora_dropout=0.0))
+    model = get_peft_model(
+        with_loaded_attention(tiny_model("llama").double(), "flash_attention_2"), LongLoraConfig(lora_dropout=0.0)
+    )
     model.train()
     logits = model(ids, attention_mask=attention_mask).logits
     real = attention_mask.bool()
@@ -86,7 +114,14 @@ def test_a_model_loaded_with_flash_attention_2_trains_through_the_varlen_path(mo
     assert lora_grads and all(g is not None and g.abs().sum() > 0 for g in lora_grads)
 
 
-@pytest.mark.parametrize("recipe", sorted(str(p) for p in Path("trainer_configs/recipes").glob("*.yaml")))
+RECIPES = sorted(str(p) for p in (Path(__file__).resolve().parents[1] / "trainer_configs" / "recipes").glob("*.yaml"))
+
+
+def test_the_recipes_are_found_from_any_directory():
+    assert len(RECIPES) >= 9 and any(recipe.endswith("tiny_cpu.yaml") for recipe in RECIPES)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
 def test_every_recipe_parses_into_a_longlora_config_with_its_s2_settings(recipe):
     import yaml
 

@@ -19,11 +19,21 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import tiny_config
 from safetensors.torch import load_file
-from sp_cases import CASES, THREE_PROCESS_CASES, TWO_PROCESS_CASES, build_model, eval_batches, reference_inputs, sgd_step, train_batch
 
+from helpers import tiny_config
 from longlora_hf.attention.sequence_parallel import check_sequence_parallel_heads, heads_held, valid_sp_sizes
+from sp_cases import (
+    CASES,
+    THREE_PROCESS_CASES,
+    TWO_PROCESS_CASES,
+    build_model,
+    eval_batches,
+    reference_inputs,
+    sgd_step,
+    train_batch,
+)
+
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).parent / "sp_worker.py"
@@ -32,7 +42,16 @@ WORKER = Path(__file__).parent / "sp_worker.py"
 def launch(out: Path, processes: int, cases: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), str(WORKER), str(out), *cases]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(processes),
+        str(WORKER),
+        str(out),
+        *cases,
+    ]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
@@ -85,7 +104,9 @@ def worker_logits(tensors: dict[str, torch.Tensor], case) -> dict[str, torch.Ten
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("name", [n for n in TWO_PROCESS_CASES + THREE_PROCESS_CASES if not CASES[n].ignore_head_offset])
+@pytest.mark.parametrize(
+    "name", [n for n in TWO_PROCESS_CASES + THREE_PROCESS_CASES if not CASES[n].ignore_head_offset]
+)
 def test_s2_under_sequence_parallelism_gives_the_single_process_loss_and_gradients(runs, name):
     """MHA, GQA, MQA; one whole row, packed documents, right padding; reentrant gradient checkpointing; and 6 heads
     over 3 ranks, where rank 1 holds one unshifted and one shifted head."""
@@ -131,8 +152,9 @@ def test_evaluation_with_sequence_parallelism_on_is_dense_and_equals_one_process
 
 @pytest.mark.distributed
 def test_the_adapter_of_a_sequence_parallel_run_loads_without_it_with_the_trained_logits(runs):
-    from helpers import tiny_model
     from peft import PeftModel
+
+    from helpers import tiny_model
 
     case = CASES["gqa-trains"]
     _, tensors = result(runs, "gqa-trains")
@@ -171,7 +193,9 @@ def test_an_sp_size_that_cannot_split_the_heads_is_refused_naming_the_sizes_and_
 
 def test_a_share_of_the_heads_without_a_sequence_parallel_group_is_refused():
     """S2 cannot place heads another kind of split (tensor parallelism) hands it: an error, not wrong shifts."""
-    with pytest.raises(ValueError, match="received 4 of the model's 8 query heads, with no DeepSpeed sequence-parallel group"):
+    with pytest.raises(
+        ValueError, match="received 4 of the model's 8 query heads, with no DeepSpeed sequence-parallel group"
+    ):
         heads_held(SimpleNamespace(num_attention_heads=8), 4)
     assert heads_held(SimpleNamespace(num_attention_heads=8), 8) == (0, 8)
 
@@ -180,10 +204,28 @@ def test_a_share_of_the_heads_without_a_sequence_parallel_group_is_refused():
 # DeepSpeed's data adapter slices each batch, transformers combines the ranks' losses) ---
 
 SFT_RECIPE = dict(
-    model_name_or_path="longlora_hf/demo/assets", dtype="float32", bf16=False, lora_dropout=0.0, dataset_text_field="text",
-    packing=False, max_length=256, target_context_length=512, learning_rate=2.0e-3, lr_scheduler_type="constant",
-    per_device_train_batch_size=2, per_device_eval_batch_size=1, max_steps=3, logging_steps=1, eval_strategy="steps",
-    eval_steps=3, save_strategy="steps", save_steps=3, max_grad_norm=0, use_cpu=True, report_to="none", disable_tqdm=True,
+    model_name_or_path="longlora_hf/demo/assets",
+    dtype="float32",
+    bf16=False,
+    lora_dropout=0.0,
+    dataset_text_field="text",
+    packing=False,
+    max_length=256,
+    target_context_length=512,
+    learning_rate=2.0e-3,
+    lr_scheduler_type="constant",
+    per_device_train_batch_size=2,
+    per_device_eval_batch_size=1,
+    max_steps=3,
+    logging_steps=1,
+    eval_strategy="steps",
+    eval_steps=3,
+    save_strategy="steps",
+    save_steps=3,
+    max_grad_norm=0,
+    use_cpu=True,
+    report_to="none",
+    disable_tqdm=True,
 )
 
 
@@ -199,14 +241,26 @@ def rows_of_different_lengths(directory: Path) -> Path:
     return directory
 
 
-def sft(tmp_path: Path, name: str, launch: list[str], extra: list[str] = (), recipe: dict | None = None) -> tuple[subprocess.CompletedProcess, Path]:
+def sft(
+    tmp_path: Path, name: str, launch: list[str], extra: list[str] = (), recipe: dict | None = None
+) -> tuple[subprocess.CompletedProcess, Path]:
     import yaml
 
     config = tmp_path / f"{name}.yaml"
     config.write_text(yaml.safe_dump(recipe or {**SFT_RECIPE, "dataset_name": str(tmp_path / "data")}))
     out = tmp_path / name
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, *launch, "-m", "longlora_hf.sft", "--config", str(config), "--output_dir", str(out), *extra]
+    command = [
+        sys.executable,
+        *launch,
+        "-m",
+        "longlora_hf.sft",
+        "--config",
+        str(config),
+        "--output_dir",
+        str(out),
+        *extra,
+    ]
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600), out
 
 
@@ -242,7 +296,9 @@ def test_sft_with_sp_size_2_under_zero2_and_zero3_trains_as_one_process(tmp_path
         assert len(steps) == len(expected_steps) == 3
         for step, expected in zip(steps, expected_steps):
             assert step["loss"] == pytest.approx(expected["loss"], rel=1e-5)
-            assert step["grad_norm"] == pytest.approx(factor * expected["grad_norm"], rel=1e-3)  # summed in another order
+            assert step["grad_norm"] == pytest.approx(
+                factor * expected["grad_norm"], rel=1e-3
+            )  # summed in another order
         assert evaluation["eval_loss"] == pytest.approx(expected_eval["eval_loss"], rel=1e-5)
         if zero == "zero3":
             # ZeRO-2's gradient is 2.0003x (its norm, at every step; the same with dense attention: DeepSpeed's, not
@@ -270,7 +326,11 @@ def test_sft_refuses_an_sp_size_that_cannot_split_the_heads_before_loading_anyth
     [
         (0, {}, "--sp_size must be a whole number of ranks, at least 1"),
         (2, {}, "--sp_size 2 runs DeepSpeed's sequence parallelism: launch with `accelerate launch"),
-        (2, {"ACCELERATE_USE_DEEPSPEED": "true", "WORLD_SIZE": "3"}, "--sp_size 2 must divide the number of processes (3)"),
+        (
+            2,
+            {"ACCELERATE_USE_DEEPSPEED": "true", "WORLD_SIZE": "3"},
+            "--sp_size 2 must divide the number of processes (3)",
+        ),
     ],
 )
 def test_sp_size_is_checked_against_the_launch(value, environment, message, monkeypatch):
@@ -281,13 +341,20 @@ def test_sp_size_is_checked_against_the_launch(value, environment, message, monk
     for name, setting in environment.items():
         monkeypatch.setenv(name, setting)
     with pytest.raises(ValueError) as error:
-        check_sp_size(value, SimpleNamespace(model_name_or_path="unused/hub-id"), SimpleNamespace(trust_remote_code=False))
+        check_sp_size(
+            value, SimpleNamespace(model_name_or_path="unused/hub-id"), SimpleNamespace(trust_remote_code=False)
+        )
     assert message in str(error.value)
 
 
 @pytest.mark.parametrize(
     "configured,model_runs,wrapped",
-    [(None, "s2", "s2"), ("sdpa", "s2", "s2"), (None, "sdpa", "sdpa"), ("flash_attention_2", "sdpa", "flash_attention_2")],
+    [
+        (None, "s2", "s2"),
+        ("sdpa", "s2", "s2"),
+        (None, "sdpa", "sdpa"),
+        ("flash_attention_2", "sdpa", "flash_attention_2"),
+    ],
 )
 def test_deepspeed_wraps_the_attention_the_model_runs(configured, model_runs, wrapped):
     """accelerate's sequence-parallel config refuses "s2" by name; LongLoraCallback sets it once the model runs S2
@@ -299,7 +366,11 @@ def test_deepspeed_wraps_the_attention_the_model_runs(configured, model_runs, wr
 
     with pytest.raises(ValueError, match="Invalid sp_attn_implementation: s2"):
         DeepSpeedSequenceParallelConfig(sp_attn_implementation="s2")  # the refusal this works around
-    config = ParallelismConfig(sp_size=2, sp_backend="deepspeed", sp_handler=DeepSpeedSequenceParallelConfig(sp_attn_implementation=configured))
+    config = ParallelismConfig(
+        sp_size=2,
+        sp_backend="deepspeed",
+        sp_handler=DeepSpeedSequenceParallelConfig(sp_attn_implementation=configured),
+    )
     use_model_attention_under_sp(config, model_runs)
     assert config.sp_handler.sp_attn_implementation == wrapped
 
@@ -310,4 +381,6 @@ def test_the_256k_recipe_splits_llama_3_1_8b_over_its_ranks():
     recipe = yaml.safe_load((ROOT / "trainer_configs" / "recipes" / "llama3_1_8b_256k_sp8.yaml").read_text())
     llama_3_1_8b = tiny_config("llama", num_attention_heads=32, num_key_value_heads=8, hidden_size=32 * 8)
     check_sequence_parallel_heads(llama_3_1_8b, recipe["sp_size"])
-    assert recipe["max_length"] % recipe["sp_size"] == 0 and recipe["max_length"] > 131072  # past the model's own context
+    assert (
+        recipe["max_length"] % recipe["sp_size"] == 0 and recipe["max_length"] > 131072
+    )  # past the model's own context

@@ -9,13 +9,13 @@ import math
 import pytest
 import torch
 import transformers
-from helpers import tiny_model
 from datasets import Dataset
 from huggingface_hub import ModelCard
 from peft import LoraConfig, get_peft_model
 from transformers import TrainerControl, TrainerState, TrainingArguments
 from trl import SFTConfig, SFTTrainer
 
+from helpers import tiny_model
 from longlora_hf import LongLoraConfig
 from longlora_hf.training import LongLoraCallback, LongLoraSFTTrainer
 
@@ -23,12 +23,24 @@ from longlora_hf.training import LongLoraCallback, LongLoraSFTTrainer
 def sft_trainer(tmp_path, tokenizer, peft_config, callback, max_length=128, steps=2):
     rows = torch.randint(4, 128, (4, max_length), generator=torch.Generator().manual_seed(0)).tolist()
     arguments = SFTConfig(
-        output_dir=str(tmp_path), max_length=max_length, per_device_train_batch_size=1, max_steps=steps,
-        learning_rate=1e-3, save_strategy="no", report_to=[], use_cpu=True, logging_steps=1, disable_tqdm=True,
+        output_dir=str(tmp_path),
+        max_length=max_length,
+        per_device_train_batch_size=1,
+        max_steps=steps,
+        learning_rate=1e-3,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        logging_steps=1,
+        disable_tqdm=True,
     )
     return SFTTrainer(
-        model=tiny_model("llama"), args=arguments, train_dataset=Dataset.from_dict({"input_ids": rows}),
-        processing_class=tokenizer, peft_config=peft_config, callbacks=[callback],
+        model=tiny_model("llama"),
+        args=arguments,
+        train_dataset=Dataset.from_dict({"input_ids": rows}),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[callback],
     )
 
 
@@ -48,12 +60,28 @@ def test_the_report_says_what_runs_and_is_logged_once(tmp_path, tiny_tokenizer, 
 
 # Architectures whose input embedding or norms are named without "embed"/"norm", beside two that are not.
 NAMED_OTHERWISE = {
-    "gpt-j": lambda: transformers.GPTJForCausalLM(transformers.GPTJConfig(  # norms ln_1, ln_f
-        vocab_size=128, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=256, bos_token_id=2, eos_token_id=3)),
-    "falcon": lambda: transformers.FalconForCausalLM(transformers.FalconConfig(  # final norm ln_f
-        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)),
-    "ctrl": lambda: transformers.CTRLLMHeadModel(transformers.CTRLConfig(  # input embedding w
-        vocab_size=128, n_embd=32, n_layer=2, n_head=4, dff=64)),
+    "gpt-j": lambda: transformers.GPTJForCausalLM(
+        transformers.GPTJConfig(  # norms ln_1, ln_f
+            vocab_size=128,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            rotary_dim=4,
+            n_positions=256,
+            bos_token_id=2,
+            eos_token_id=3,
+        )
+    ),
+    "falcon": lambda: transformers.FalconForCausalLM(
+        transformers.FalconConfig(  # final norm ln_f
+            vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4
+        )
+    ),
+    "ctrl": lambda: transformers.CTRLLMHeadModel(
+        transformers.CTRLConfig(  # input embedding w
+            vocab_size=128, n_embd=32, n_layer=2, n_head=4, dff=64
+        )
+    ),
     "llama": lambda: tiny_model("llama"),
     "gpt-neox": lambda: tiny_model("gpt-neox"),
 }
@@ -65,7 +93,9 @@ def test_the_report_counts_lora_the_input_embedding_and_the_norms_by_module_what
     embedding = base.get_input_embeddings().weight.numel()
     model = get_peft_model(base, LongLoraConfig(use_s2_attn=False))
     callback = LongLoraCallback()
-    callback.on_train_begin(TrainingArguments(str(tmp_path), report_to=[], use_cpu=True), TrainerState(), TrainerControl(), model=model)
+    callback.on_train_begin(
+        TrainingArguments(str(tmp_path), report_to=[], use_cpu=True), TrainerState(), TrainerControl(), model=model
+    )
     trainable = callback.report.trainable
     assert set(trainable) == {"LoRA", "embeddings", "norms"}  # LongLoRA trains nothing else
     assert trainable["LoRA"] == sum(p.numel() for name, p in model.named_parameters() if ".lora_" in name)
@@ -74,7 +104,9 @@ def test_the_report_counts_lora_the_input_embedding_and_the_norms_by_module_what
 
 
 def test_s2_required_but_not_running_stops_training(tmp_path, tiny_tokenizer):
-    trainer = sft_trainer(tmp_path, tiny_tokenizer, LoraConfig(r=4, target_modules=["q_proj"]), LongLoraCallback(require_s2=True))
+    trainer = sft_trainer(
+        tmp_path, tiny_tokenizer, LoraConfig(r=4, target_modules=["q_proj"]), LongLoraCallback(require_s2=True)
+    )
     with pytest.raises(ValueError, match="S2-Attn was requested, but the model runs attn_implementation='sdpa'"):
         trainer.train()
 
@@ -86,8 +118,12 @@ def test_groups_smaller_than_two_tokens_stop_training(tmp_path, tiny_tokenizer):
 
 
 def test_a_max_length_beyond_the_interpolated_context_stops_training(tmp_path, tiny_tokenizer):
-    trainer = sft_trainer(tmp_path, tiny_tokenizer, LongLoraConfig(target_context_length=256), LongLoraCallback(), max_length=300)
-    with pytest.raises(ValueError, match="max_length 300 is beyond the model's context of 256 tokens.*target_context_length"):
+    trainer = sft_trainer(
+        tmp_path, tiny_tokenizer, LongLoraConfig(target_context_length=256), LongLoraCallback(), max_length=300
+    )
+    with pytest.raises(
+        ValueError, match="max_length 300 is beyond the model's context of 256 tokens.*target_context_length"
+    ):
         trainer.train()
 
 
@@ -96,16 +132,32 @@ def test_evaluation_inside_training_is_dense_and_training_resumes_s2(tmp_path, t
 
     phase, s2_calls = ["train"], {"train": 0, "eval": 0}
     original = s2.s2_layout
-    monkeypatch.setattr(s2, "s2_layout", lambda *a, **k: s2_calls.__setitem__(phase[0], s2_calls[phase[0]] + 1) or original(*a, **k))
+    monkeypatch.setattr(
+        s2, "s2_layout", lambda *a, **k: s2_calls.__setitem__(phase[0], s2_calls[phase[0]] + 1) or original(*a, **k)
+    )
     rows = torch.randint(4, 128, (4, 128), generator=torch.Generator().manual_seed(0)).tolist()
     arguments = SFTConfig(
-        output_dir=str(tmp_path), max_length=128, per_device_train_batch_size=1, max_steps=3, learning_rate=1e-3,
-        save_strategy="no", report_to=[], use_cpu=True, logging_steps=1, disable_tqdm=True, bf16=False,
-        eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=2,
+        output_dir=str(tmp_path),
+        max_length=128,
+        per_device_train_batch_size=1,
+        max_steps=3,
+        learning_rate=1e-3,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        logging_steps=1,
+        disable_tqdm=True,
+        bf16=False,
+        eval_strategy="steps",
+        eval_steps=1,
+        per_device_eval_batch_size=2,
     )
     trainer = LongLoraSFTTrainer(
-        model=tiny_model("llama"), args=arguments, train_dataset=Dataset.from_dict({"input_ids": rows}),
-        eval_dataset=Dataset.from_dict({"input_ids": rows[:2]}), processing_class=tiny_tokenizer,
+        model=tiny_model("llama"),
+        args=arguments,
+        train_dataset=Dataset.from_dict({"input_ids": rows}),
+        eval_dataset=Dataset.from_dict({"input_ids": rows[:2]}),
+        processing_class=tiny_tokenizer,
         peft_config=LongLoraConfig(target_context_length=256),
     )
     evaluation_loop = trainer.evaluation_loop
@@ -132,7 +184,10 @@ def test_evaluation_inside_training_is_dense_and_training_resumes_s2(tmp_path, t
     assert abs(eval_loss - dense) < 1e-5, (eval_loss, dense)
     # and the card the trainer writes for push_to_hub says so
     card = ModelCard.load(trainer.create_model_card())
-    assert f"perplexity {math.exp(eval_loss):.2f}" in card.text and "| Training steps | 3 (per-device batch 1" in card.text
+    assert (
+        f"perplexity {math.exp(eval_loss):.2f}" in card.text
+        and "| Training steps | 3 (per-device batch 1" in card.text
+    )
     assert {"longlora", "trl", "sft"} <= set(card.data.tags) and "LongLoraCallback" not in card.text
 
 
@@ -140,46 +195,75 @@ def test_evaluation_inside_training_is_dense_and_training_resumes_s2(tmp_path, t
 def test_the_longlora_sft_trainer_has_the_callback_exactly_once(tmp_path, tiny_tokenizer, given):
     arguments = SFTConfig(output_dir=str(tmp_path), max_length=64, report_to=[], use_cpu=True, bf16=False)
     trainer = LongLoraSFTTrainer(
-        model=tiny_model("llama"), args=arguments, train_dataset=Dataset.from_dict({"input_ids": [[5, 6, 7]]}),
-        processing_class=tiny_tokenizer, peft_config=LongLoraConfig(), callbacks=given,
+        model=tiny_model("llama"),
+        args=arguments,
+        train_dataset=Dataset.from_dict({"input_ids": [[5, 6, 7]]}),
+        processing_class=tiny_tokenizer,
+        peft_config=LongLoraConfig(),
+        callbacks=given,
     )
     assert sum(isinstance(c, LongLoraCallback) for c in trainer.callback_handler.callbacks) == 1
 
 
 @pytest.mark.parametrize(
     "peft_config, main_process, warns",
-    [(LongLoraConfig(), True, True), (LongLoraConfig(), False, False), (LoraConfig(r=4, target_modules=["q_proj"]), True, False)],
+    [
+        (LongLoraConfig(), True, True),
+        (LongLoraConfig(), False, False),
+        (LoraConfig(r=4, target_modules=["q_proj"]), True, False),
+    ],
     ids=["longlora-main-process", "longlora-other-process", "plain-lora"],
 )
 def test_a_plain_trainers_push_of_a_longlora_adapter_says_once_how_to_publish_the_longlora_card(
     tmp_path, tiny_tokenizer, caplog, peft_config, main_process, warns
 ):
-    """`Trainer.push_to_hub` and checkpoint pushes start with `on_push_begin`; the card they publish is the trainer's."""
+    """`Trainer.push_to_hub` and checkpoint pushes start with `on_push_begin`; the card they publish is the
+    trainer's."""
     trainer = sft_trainer(tmp_path, tiny_tokenizer, peft_config, LongLoraCallback())
     trainer.state.is_world_process_zero = main_process
     with caplog.at_level(logging.WARNING, logger="longlora_hf.training.callback"):
         for _ in range(2):
             trainer.callback_handler.on_push_begin(trainer.args, trainer.state, trainer.control)
-    said = [r.getMessage() for r in caplog.records if "this push publishes the trainer's own model card" in r.getMessage()]
+    said = [
+        r.getMessage() for r in caplog.records if "this push publishes the trainer's own model card" in r.getMessage()
+    ]
     assert len(said) == (1 if warns else 0)
 
 
 def test_every_directory_the_longlora_sft_trainer_saves_has_the_card_with_its_training(tmp_path, tiny_tokenizer):
     rows = torch.randint(4, 128, (4, 64), generator=torch.Generator().manual_seed(0)).tolist()
     arguments = SFTConfig(
-        output_dir=str(tmp_path / "run"), max_length=64, per_device_train_batch_size=1, max_steps=2, learning_rate=1e-3,
-        save_strategy="steps", save_steps=1, report_to=[], use_cpu=True, disable_tqdm=True, bf16=False,
+        output_dir=str(tmp_path / "run"),
+        max_length=64,
+        per_device_train_batch_size=1,
+        max_steps=2,
+        learning_rate=1e-3,
+        save_strategy="steps",
+        save_steps=1,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        bf16=False,
     )
     trainer = LongLoraSFTTrainer(
-        model=tiny_model("llama"), args=arguments, train_dataset=Dataset.from_dict({"input_ids": rows}),
-        processing_class=tiny_tokenizer, peft_config=LongLoraConfig(target_context_length=256),
+        model=tiny_model("llama"),
+        args=arguments,
+        train_dataset=Dataset.from_dict({"input_ids": rows}),
+        processing_class=tiny_tokenizer,
+        peft_config=LongLoraConfig(target_context_length=256),
     )
     trainer.train()
     trainer.save_model()
-    for directory, steps in ((tmp_path / "run" / "checkpoint-1", 1), (tmp_path / "run" / "checkpoint-2", 2), (tmp_path / "run", 2)):
+    for directory, steps in (
+        (tmp_path / "run" / "checkpoint-1", 1),
+        (tmp_path / "run" / "checkpoint-2", 2),
+        (tmp_path / "run", 2),
+    ):
         card = ModelCard.load(directory / "README.md")
         assert f"| Training steps | {steps} (per-device batch 1, gradient accumulation 1" in card.text, directory
-        assert "| Training data | 4 training rows (source not recorded) |" in card.text and "longlora" in card.data.tags
+        assert (
+            "| Training data | 4 training rows (source not recorded) |" in card.text and "longlora" in card.data.tags
+        )
     # a card someone wrote (the mark line deleted) is kept by later saves
     own = tmp_path / "mine"
     own.mkdir()

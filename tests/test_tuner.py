@@ -12,13 +12,14 @@ from dataclasses import fields
 import pytest
 import torch
 import transformers
-from helpers import shadow_longlora_hf, tiny_model, trained
 from peft import AutoPeftModelForCausalLM, LoraConfig, PeftConfig, PeftModel, get_peft_model
 from torch import nn
 
+from helpers import shadow_longlora_hf, tiny_model, trained
 from longlora_hf import LongLoraConfig, save_as_plain_lora
 from longlora_hf.attention import S2AttentionSettings
 from longlora_hf.tuner import is_input_embedding, is_normalization
+
 
 ROUND_TRIP_ARCHS = ["llama", "qwen2", "gpt-neox", "phi3", "qwen3", "llama-tied"]
 
@@ -27,8 +28,6 @@ def make_base(arch, seed=0):
     if arch == "llama-tied":
         return tiny_model("llama", seed=seed, tie_word_embeddings=True)
     return tiny_model(arch, seed=seed)
-
-
 
 
 def ids(n=40):
@@ -52,7 +51,10 @@ def test_defaults_are_the_papers():
     assert (config.group_size_ratio, config.group_size, config.use_s2_attn) == (0.25, None, True)
     assert config.trainable_embeddings and config.trainable_norms
     assert config.target_context_length is None and config.rope_type is None  # None: extend the model's own scheme
-    assert (config.shift, config.inner_attn_implementation) == (True, None)  # None: the attention the model was loaded with
+    assert (config.shift, config.inner_attn_implementation) == (
+        True,
+        None,
+    )  # None: the attention the model was loaded with
     assert isinstance(config, LoraConfig) and config.peft_type == "LONGLORA"
 
 
@@ -151,7 +153,11 @@ def test_interpolated_model_equals_one_built_with_that_rope_scaling():
 @pytest.mark.parametrize(
     "rope_type,expected,max_positions",
     [
-        ("yarn", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256, "rope_theta": 10000.0}, 1024),
+        (
+            "yarn",
+            {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256, "rope_theta": 10000.0},
+            1024,
+        ),
         # dynamic NTK reads max_position_embeddings as its unscaled length: it stays
         ("dynamic", {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0}, 256),
     ],
@@ -182,7 +188,9 @@ def eager(model):
     [
         lambda base, adapter_dir: get_peft_model(base, LongLoraConfig(use_s2_attn=False)),
         lambda base, adapter_dir: PeftModel.from_pretrained(base, adapter_dir),  # loaded for inference
-        lambda base, adapter_dir: get_peft_model(base, LongLoraConfig(use_s2_attn=False)).load_adapter(adapter_dir, "loaded"),
+        lambda base, adapter_dir: get_peft_model(base, LongLoraConfig(use_s2_attn=False)).load_adapter(
+            adapter_dir, "loaded"
+        ),
     ],
     ids=["get_peft_model-use_s2_attn-false", "from_pretrained", "load_adapter"],
 )
@@ -197,9 +205,16 @@ def test_where_s2_does_not_train_the_models_attention_is_left_alone(attach, tmp_
 
 def run_without_longlora_hf(tmp_path, script):
     env = {**os.environ, "PYTHONPATH": shadow_longlora_hf(tmp_path), "HF_HUB_OFFLINE": "1"}
-    prelude = "try:\n    import longlora_hf\n    raise SystemExit('longlora_hf must not be importable')\nexcept ImportError:\n    pass\n"
+    prelude = (
+        "try:\n    import longlora_hf\n    raise SystemExit('longlora_hf must not be importable')\n"
+        "except ImportError:\n    pass\n"
+    )
     result = subprocess.run(
-        [sys.executable, "-c", prelude + textwrap.dedent(script)], env=env, capture_output=True, text=True, cwd=tmp_path
+        [sys.executable, "-c", prelude + textwrap.dedent(script)],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -282,15 +297,27 @@ def test_training_works_with_gradient_checkpointing_and_bf16():
 
 @pytest.mark.parametrize("value", [0, -5, 1.5, "32k", True])
 def test_target_context_length_must_be_a_positive_integer(value):
-    with pytest.raises(ValueError, match=rf"target_context_length must be a positive integer number of tokens; got {value!r}"):
+    with pytest.raises(
+        ValueError, match=rf"target_context_length must be a positive integer number of tokens; got {value!r}"
+    ):
         LongLoraConfig(target_context_length=value)
 
 
 @pytest.mark.parametrize(
     "make,targets",
     [
-        (lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=128, n_embd=32, n_layer=1, n_head=4, bos_token_id=0, eos_token_id=0)), ["c_attn"]),
-        (lambda: transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=128, hidden_size=32, n_layer=1, n_head=4)), None),
+        (
+            lambda: transformers.GPT2LMHeadModel(
+                transformers.GPT2Config(vocab_size=128, n_embd=32, n_layer=1, n_head=4, bos_token_id=0, eos_token_id=0)
+            ),
+            ["c_attn"],
+        ),
+        (
+            lambda: transformers.BloomForCausalLM(
+                transformers.BloomConfig(vocab_size=128, hidden_size=32, n_layer=1, n_head=4)
+            ),
+            None,
+        ),
     ],
     ids=["learned-positions", "alibi"],
 )
@@ -306,14 +333,20 @@ def test_an_architecture_without_findable_attention_projections_lists_what_was_f
     model = tiny_model("llama")
     for layer in model.model.layers:
         layer.self_attn.__class__ = type("TokenMixer", (type(layer.self_attn),), {})
-    with pytest.raises(ValueError, match=r"Found no attention projections.*linear layers: \[.*'q_proj'.*\].*target_modules"):
+    with pytest.raises(
+        ValueError, match=r"Found no attention projections.*linear layers: \[.*'q_proj'.*\].*target_modules"
+    ):
         get_peft_model(model, LongLoraConfig(use_s2_attn=False))
 
 
 @pytest.mark.parametrize("first", [LoraConfig, LongLoraConfig], ids=["lora", "longlora"])
 def test_get_peft_model_on_a_peft_model_says_it_already_is_one(first):
-    model = get_peft_model(tiny_model("llama"), first(target_modules=["q_proj"]) if first is LoraConfig else first(use_s2_attn=False))
-    with pytest.raises(ValueError, match=r"already a PEFT model \(\w*PeftModel\w* with adapters \['default'\]\).*get_base_model"):
+    model = get_peft_model(
+        tiny_model("llama"), first(target_modules=["q_proj"]) if first is LoraConfig else first(use_s2_attn=False)
+    )
+    with pytest.raises(
+        ValueError, match=r"already a PEFT model \(\w*PeftModel\w* with adapters \['default'\]\).*get_base_model"
+    ):
         get_peft_model(model, LongLoraConfig())
 
 
@@ -324,12 +357,12 @@ def test_gpt2s_conv1d_attention_is_named_in_the_no_projections_error():
 
 
 def test_s2_on_a_model_that_does_not_dispatch_through_the_registry_is_refused_before_any_change():
-    config = transformers.FalconConfig(vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=4)
-    model = transformers.FalconForCausalLM(config)
-    rope_before = dict(model.config.rope_parameters)
-    with pytest.raises(ValueError, match="FalconForCausalLM does not dispatch attention through"):
-        get_peft_model(model, LongLoraConfig(target_context_length=8192))
-    assert model.config.rope_parameters == rope_before
+    config = transformers.BloomConfig(vocab_size=128, hidden_size=32, n_layer=1, n_head=4)  # ALiBi: no RoPE to extend
+    model = transformers.BloomForCausalLM(config)
+    before = model.config.to_dict()
+    with pytest.raises(ValueError, match="BloomForCausalLM does not dispatch attention through"):
+        get_peft_model(model, LongLoraConfig(use_s2_attn=True, target_context_length=None))
+    assert model.config.to_dict() == before and model.config._attn_implementation != "s2"
 
 
 def test_is_normalization_finds_norms_by_type():
@@ -351,9 +384,14 @@ def test_an_adapter_of_a_base_loaded_from_a_relative_directory_loads_from_anywhe
     (tmp_path / "work").mkdir()
     tiny_model("llama").save_pretrained(tmp_path / "work" / "base")
     monkeypatch.chdir(tmp_path / "work")
-    model = get_peft_model(transformers.AutoModelForCausalLM.from_pretrained("base"), LongLoraConfig(use_s2_attn=False))
+    model = get_peft_model(
+        transformers.AutoModelForCausalLM.from_pretrained("base"), LongLoraConfig(use_s2_attn=False)
+    )
     model.save_pretrained(tmp_path / "adapter")
     monkeypatch.chdir(tmp_path)  # elsewhere: "base" means nothing here
     recorded = PeftConfig.from_pretrained(tmp_path / "adapter").base_model_name_or_path
     assert recorded == str(tmp_path / "work" / "base")
-    assert AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter") is not None
+    loaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
+    ids = torch.randint(4, 128, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(ids).logits, model.eval()(ids).logits, atol=0, rtol=0)

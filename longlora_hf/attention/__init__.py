@@ -8,7 +8,17 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from .s2 import S2Layout, S2Mask, check_attention_kwargs, check_causal, check_group_size, s2_attention_forward, s2_layout, s2_mask
+from .s2 import (
+    WITHOUT_S2,
+    S2Layout,
+    S2Mask,
+    check_attention_kwargs,
+    check_causal,
+    check_group_size,
+    s2_attention_forward,
+    s2_layout,
+    s2_mask,
+)
 from .settings import (
     INNER_ATTN_IMPLEMENTATIONS,
     S2_ATTN_IMPLEMENTATION,
@@ -16,6 +26,7 @@ from .settings import (
     inner_attn_implementation_for,
     s2_field,
 )
+
 
 __all__ = [
     "INNER_ATTN_IMPLEMENTATIONS",
@@ -26,6 +37,7 @@ __all__ = [
     "check_attention_kwargs",
     "check_group_size",
     "check_s2_compatible",
+    "check_s2_compatible_config",
     "dispatches_through_the_registry",
     "inner_attn_implementation_for",
     "register_attention",
@@ -66,18 +78,39 @@ def check_s2_compatible(model: torch.nn.Module) -> None:
         raise ValueError(
             f"{type(model).__name__} does not dispatch attention through transformers' AttentionInterface (no "
             "attention module looks its function up in ALL_ATTENTION_FUNCTIONS, and `_supports_attention_backend` is "
-            "unset), so attn_implementation='s2' would not reach it. Train it without S2 (use_s2_attn=False)."
+            f"unset), so attn_implementation='s2' would not reach it: {WITHOUT_S2}."
         )
     indexers = sorted({type(m).__name__ for m in model.modules() if type(m).__name__.endswith("Indexer")})
     if indexers:
         raise ValueError(
             f"{type(model).__name__} chooses the keys each query attends to with its own indexer ({indexers[0]}, "
             "DeepSeek sparse attention) and reads the attention mask to do so. S2-Attn replaces the attention "
-            "pattern, so it would train without that selection. Train it without S2 (use_s2_attn=False) or with "
-            "attn_implementation='sdpa'."
+            f"pattern, so it would train without that selection: {WITHOUT_S2}."
         )
     causal_flags = [m.is_causal for m in model.modules() if isinstance(getattr(m, "is_causal", None), bool)]
     check_causal(not causal_flags or any(causal_flags), f"every attention layer of {type(model).__name__}")
+    softcap = getattr(model.config.get_text_config(), "attn_logit_softcapping", None)
+    if softcap is not None:
+        raise ValueError(
+            f"S2-Attn does not support attention logit soft-capping ({type(model).__name__}: attn_logit_softcapping="
+            f"{softcap}): its grouped kernels would train without it: {WITHOUT_S2}."
+        )
+
+
+def check_s2_compatible_config(config) -> None:
+    """`check_s2_compatible` on the causal LM `config` describes, built on the meta device (no weights, no memory):
+    what can be refused before a model is loaded. The class is built directly, not through
+    `AutoModelForCausalLM.from_config`, which under DeepSpeed ZeRO-3 builds inside `deepspeed.zero.Init` and left
+    the model loaded next unable to initialise its buffers. A config transformers does not map to a causal LM
+    class (remote code) is checked when the model is loaded."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    if model_class is None:
+        return
+    with torch.device("meta"):
+        model = model_class(config)
+    check_s2_compatible(model)
 
 
 def use_s2_attention(

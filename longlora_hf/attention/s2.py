@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import math
 import threading
-
 from dataclasses import astuple, dataclass, field, replace
 
 import torch
@@ -195,10 +194,16 @@ class S2Mask:
         raise TypeError(
             "This model uses the attention mask as a tensor inside its layers (a sparse-attention indexer, as in "
             "DeepSeek-V3.2, does), where attn_implementation='s2' hands its layers an S2Mask. S2-Attn cannot train "
-            "such a model: load it with attn_implementation='sdpa'."
+            f"such a model: {WITHOUT_S2}."
         )
 
     __getitem__ = __and__ = __or__ = __add__ = __mul__ = __invert__ = _used_as_a_tensor
+
+    @property
+    def dtype(self):  # read before any arithmetic by models that build their own masks (Doge's dynamic mask)
+        self._used_as_a_tensor()
+
+    shape = device = dtype
 
     def layout(
         self,
@@ -307,7 +312,12 @@ def sdpa_with_sinks(
     sink = sinks.to(query.dtype).view(1, heads, 1, 1).expand(batch, heads, q_len, 1)
     key, value = F.pad(key, (0, 0, 0, 1)), F.pad(value, (0, 0, 0, 1))  # [.., kv + 1, ..]: the sink's zero token
     return F.scaled_dot_product_attention(
-        query, key, value, attn_mask=torch.cat([bias, sink], dim=-1), dropout_p=dropout, scale=scaling,
+        query,
+        key,
+        value,
+        attn_mask=torch.cat([bias, sink], dim=-1),
+        dropout_p=dropout,
+        scale=scaling,
         enable_gqa=query.shape[1] != key.shape[1],
     )
 
@@ -350,14 +360,23 @@ def sdpa_varlen(
         )
         if sinks is not None:
             window = None if sliding_window is None or sliding_window >= length else sliding_window
-            allowed = _sliding_window_mask(length, window, query.device) if window else _causal_mask(length, query.device)
+            allowed = (
+                _sliding_window_mask(length, window, query.device) if window else _causal_mask(length, query.device)
+            )
             out = sdpa_with_sinks(q, k, v, allowed, sinks, dropout, scaling)
         else:
             mask = None
             if sliding_window is not None and sliding_window < length:
                 mask = _sliding_window_mask(length, sliding_window, query.device)
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None, scale=scaling, enable_gqa=enable_gqa
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                dropout_p=dropout,
+                is_causal=mask is None,
+                scale=scaling,
+                enable_gqa=enable_gqa,
             )
         out = out.transpose(1, 2).flatten(0, 1)  # [groups * length, heads, value_dim]
         for i, piece in zip(members, out.split([runs[i][2] * length for i in members])):
@@ -418,12 +437,19 @@ def flash_varlen(
     return out[..., :value_dim] if value_dim != out.shape[-1] else out
 
 
+# The way out of every refusal of S2-Attn, for each route into it: it trains LongLoRA with dense attention.
+WITHOUT_S2 = (
+    "train it without S2-Attn: LongLoraConfig(use_s2_attn=False), `longlora-hf sft --use_s2_attn false`, or "
+    "attn_implementation='sdpa' for a model you switched to 's2' yourself"
+)
+
+
 def check_causal(is_causal: bool, owner: str) -> None:
     """Refuse non-causal attention: S2-Attn's groups restrict a causal mask. `owner` names the model or layer."""
     if not is_causal:
         raise ValueError(
             f"S2-Attn is for causal language models (each token attends only to earlier tokens), but {owner} is "
-            "non-causal (is_causal=False: an encoder). Use attn_implementation='sdpa' for this model."
+            f"non-causal (is_causal=False: an encoder): {WITHOUT_S2}."
         )
 
 
@@ -441,24 +467,47 @@ def _attend_in_groups(
     and rescaling its output by its log-sum-exp would get no gradient through the sinks (flash-attn returns the
     log-sum-exp without one)."""
     if settings.inner_attn_implementation == "flash_attention_2" and sinks is None:
-        return flash_varlen(q, k, v, layout.cu_seqlens[half], layout.max_seqlen[half], dropout, scaling, sliding_window)
+        return flash_varlen(
+            q, k, v, layout.cu_seqlens[half], layout.max_seqlen[half], dropout, scaling, sliding_window
+        )
     return sdpa_varlen(q, k, v, layout.runs[half], dropout, scaling, sliding_window, sinks)
 
 
 # Arguments the attention modules of transformers pass that leave the attention S2 computes unchanged (bookkeeping,
 # or packed-document boundaries S2 reads from the position ids), besides those S2 takes by name.
-PASSIVE_ATTENTION_KWARGS = frozenset({
-    "position_ids", "cache_position", "use_cache", "past_key_values", "past_key_value", "output_attentions",
-    "output_hidden_states", "output_router_logits", "return_dict", "layer_idx", "position_embeddings", "target_dtype",
-    "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx",
-})
+PASSIVE_ATTENTION_KWARGS = frozenset(
+    {
+        "position_ids",
+        "cache_position",
+        "use_cache",
+        "past_key_values",
+        "past_key_value",
+        "output_attentions",
+        "output_hidden_states",
+        "output_router_logits",
+        "return_dict",
+        "layer_idx",
+        "position_embeddings",
+        "target_dtype",
+        "cu_seq_lens_q",
+        "cu_seq_lens_k",
+        "max_length_q",
+        "max_length_k",
+        "seq_idx",
+        # The loss's bookkeeping, which model forwards pass on with the rest of their keyword arguments: the Trainer's
+        # token count, and the labels DeepSpeed's sequence parallelism shifts before it splits the sequence.
+        "num_items_in_batch",
+        "shift_labels",
+    }
+)
 
 
 def check_attention_kwargs(kwargs: dict, owner: str) -> None:
     """Refuse an attention argument S2 does not implement, unless it is unset: S2 computes the attention itself
     in training, so an argument that changes the result (soft-capping, a bias, a head mask...) would be ignored."""
     unknown = {
-        name: value for name, value in kwargs.items()
+        name: value
+        for name, value in kwargs.items()
         if name not in PASSIVE_ATTENTION_KWARGS and value is not None and value is not False
     }
     if unknown:
@@ -466,8 +515,7 @@ def check_attention_kwargs(kwargs: dict, owner: str) -> None:
         shown = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)
         raise ValueError(
             f"S2-Attn does not implement the attention argument {name}={shown} that {owner} passes "
-            f"(all it does not implement: {sorted(unknown)}); training with S2 would ignore it. Train this model "
-            "without S2-Attn (LongLoraConfig(use_s2_attn=False), `longlora-hf sft --use_s2_attn false`)."
+            f"(all it does not implement: {sorted(unknown)}); training with S2 would ignore it: {WITHOUT_S2}."
         )
 
 
@@ -485,7 +533,17 @@ OWN_ATTENTION_LAYER_TYPES = frozenset({"chunked_attention"})
 
 
 def _dense(
-    module, query, key, value, attention_mask, settings, dropout, scaling, is_causal, sliding_window, position_ids,
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    settings,
+    dropout,
+    scaling,
+    is_causal,
+    sliding_window,
+    position_ids,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """Exact dense causal attention through the inner backend.
@@ -513,31 +571,52 @@ def _dense(
         sinks = kwargs.get("s_aux")
         if sinks is not None:
             first_head, _ = heads_held(module.config, heads)
-            sinks = sinks[first_head:first_head + heads]
+            sinks = sinks[first_head : first_head + heads]
         out = _attend_in_groups(q, k, v, layout, 0, settings, dropout, scaling, sliding_window, sinks)
         return out.view(batch, seq, heads, value.shape[-1]), None
     sinks = kwargs.get("s_aux")
-    if sinks is not None and settings.inner_attn_implementation == "sdpa":
-        # transformers' SDPA function ignores sinks (gpt-oss declares no SDPA support): computed here.
+    if sinks is not None and settings.inner_attn_implementation in ("sdpa", "flash_attention_2"):
+        # transformers' SDPA function ignores sinks (gpt-oss declares no SDPA support), and its flash-attn function
+        # drops them (flash-attn's API has none): computed here, with SDPA. A flash mask is 2D padding only, so the
+        # sliding window is applied here; SDPA's 4D mask already holds it.
         first_head, _ = heads_held(module.config, heads)
-        allowed = _dense_allowed(mask, seq, key.shape[2], query.device)
-        out = sdpa_with_sinks(query, key, value, allowed, sinks[first_head:first_head + heads], dropout, scaling)
+        window = sliding_window if settings.inner_attn_implementation == "flash_attention_2" else None
+        allowed = _dense_allowed(mask, seq, key.shape[2], query.device, window)
+        out = sdpa_with_sinks(query, key, value, allowed, sinks[first_head : first_head + heads], dropout, scaling)
         return out.transpose(1, 2).contiguous(), None
     if is_causal is not None:
         kwargs["is_causal"] = is_causal
     return ALL_ATTENTION_FUNCTIONS[settings.inner_attn_implementation](
-        module, query, key, value, mask, dropout=dropout, scaling=scaling, sliding_window=sliding_window,
-        position_ids=position_ids, **kwargs,
+        module,
+        query,
+        key,
+        value,
+        mask,
+        dropout=dropout,
+        scaling=scaling,
+        sliding_window=sliding_window,
+        position_ids=position_ids,
+        **kwargs,
     )
 
 
-def _dense_allowed(mask: torch.Tensor | None, q_len: int, kv_len: int, device) -> torch.Tensor:
-    """The keys each query may see, [batch or 1, 1, q, kv] bool, from an SDPA mask (bool or additive) or, where
-    SDPA's mask function left none (no padding: plain causal), the causal rule with the queries last."""
+def _dense_allowed(
+    mask: torch.Tensor | None, q_len: int, kv_len: int, device, sliding_window: int | None = None
+) -> torch.Tensor:
+    """The keys each query may see, [batch or 1, 1, q, kv] bool: from an SDPA mask (4D, bool or additive) as it
+    is; else the causal rule with the queries last, within `sliding_window`, and without the padded keys of a
+    flash-attn mask (2D [batch, kv], 1 for a real token) where there is one."""
+    if mask is not None and mask.dim() == 4:
+        mask = mask[..., -kv_len:]
+        return mask if mask.dtype == torch.bool else mask == 0
+    key_position = torch.arange(kv_len, device=device)[None, :]  # [1, kv]
+    query_position = torch.arange(q_len, device=device)[:, None] + kv_len - q_len  # [q, 1]
+    allowed = key_position <= query_position  # [q, kv]
+    if sliding_window is not None:
+        allowed = allowed & (key_position > query_position - sliding_window)  # transformers' sliding_window_overlay
     if mask is None:
-        return (torch.arange(kv_len, device=device)[None, :] <= torch.arange(q_len, device=device)[:, None] + kv_len - q_len)
-    mask = mask[..., -kv_len:]
-    return mask if mask.dtype == torch.bool else mask == 0
+        return allowed
+    return allowed[None, None] & mask[:, None, None, -kv_len:].bool()
 
 
 def s2_attention_forward(
@@ -568,16 +647,38 @@ def s2_attention_forward(
     sequence_parallel = query.shape[1] != model_heads(module.config, query.shape[1])
     # Otherwise `s2_mask` makes an S2Mask only for a forward started with gradients, so the mask still says
     # "training" inside a layer that reentrant gradient checkpointing runs without them (its recomputation has them).
-    training = module.training and (
-        sequence_parallel or isinstance(attention_mask, S2Mask) or torch.is_grad_enabled()
-    )
+    training = module.training and (sequence_parallel or isinstance(attention_mask, S2Mask) or torch.is_grad_enabled())
     if not training or q_len != kv_len:
-        return _dense(module, query, key, value, attention_mask, settings, dropout, scaling, is_causal,
-                      sliding_window, position_ids, **kwargs)
+        return _dense(
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            settings,
+            dropout,
+            scaling,
+            is_causal,
+            sliding_window,
+            position_ids,
+            **kwargs,
+        )
     check_causal(is_causal is not False and getattr(module, "is_causal", True), type(module).__name__)
     if _layer_type(module) in OWN_ATTENTION_LAYER_TYPES:
-        return _dense(module, query, key, value, attention_mask, settings, dropout, scaling, is_causal,
-                      sliding_window, position_ids, **kwargs)
+        return _dense(
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            settings,
+            dropout,
+            scaling,
+            is_causal,
+            sliding_window,
+            position_ids,
+            **kwargs,
+        )
     first_head, all_heads = heads_held(module.config, query.shape[1])
     sinks = kwargs.pop("s_aux", None)
     check_attention_kwargs(kwargs, type(module).__name__)
@@ -602,17 +703,22 @@ def s2_attention_forward(
     unshifted = min(max(all_heads // 2 - first_head, 0), heads)
     sink_parts = (None, None)
     if sinks is not None:  # one logit per head of the whole model: this call's share, split like the heads
-        sink_parts = sinks[first_head:first_head + heads].split([unshifted, heads - unshifted])
+        sink_parts = sinks[first_head : first_head + heads].split([unshifted, heads - unshifted])
     parts = zip(
-        (0, 1), q.split([unshifted, heads - unshifted], dim=1), kv_head_parts(k, heads, unshifted),
-        kv_head_parts(v, heads, unshifted), sink_parts,
+        (0, 1),
+        q.split([unshifted, heads - unshifted], dim=1),
+        kv_head_parts(k, heads, unshifted),
+        kv_head_parts(v, heads, unshifted),
+        sink_parts,
     )
     outputs = []
     for half, q_part, k_part, v_part, sink_part in parts:
         if q_part.shape[1]:
-            outputs.append(_attend_in_groups(
-                q_part, k_part, v_part, layout, half, settings, dropout, scaling, sliding_window, sink_part
-            ))
+            outputs.append(
+                _attend_in_groups(
+                    q_part, k_part, v_part, layout, half, settings, dropout, scaling, sliding_window, sink_part
+                )
+            )
     out = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]  # [tokens, heads, value_dim]
 
     if layout.token_index is not None:

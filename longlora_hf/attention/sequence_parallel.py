@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import sys
 
+
 # DeepSpeed's module holding the Ulysses group that `UlyssesSPAttentionHF.register_with_transformers` creates.
 ULYSSES_STATE_MODULE = "deepspeed.runtime.sequence_parallel.parallel_state_sp"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import MISSING, asdict, dataclass, field
 
+
 S2_ATTN_IMPLEMENTATION = "s2"
 """The name under which S2-Attn is registered: `attn_implementation="s2"`."""
 
@@ -77,7 +78,7 @@ class S2AttentionSettings:
         return int(length * self.group_size_ratio)
 
     @classmethod
-    def from_config(cls, config) -> "S2AttentionSettings":
+    def from_config(cls, config) -> S2AttentionSettings:
         stored = getattr(config, CONFIG_ATTRIBUTE, None)
         if stored is None:
             return cls()

@@ -2,5 +2,6 @@
 
 from pathlib import Path
 
+
 ASSETS = Path(__file__).parent / "assets"
 """The bundled model (safetensors), tokenizer (tokenizer.json), fine-tuning and held-out documents."""

@@ -9,8 +9,14 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--out", default="longlora_demo", help="Where the table (JSON, PNG) and the adapter go.")
     parser.add_argument("--steps", type=int, default=100, help="Fine-tuning steps (each one row of 2048 tokens).")
-    parser.add_argument("--overwrite", action="store_true", help="Replace what the demo writes in an --out that holds files it did not write (the others are kept).")
-    parser.add_argument("--ablations", action="store_true", help="Also run small counterparts of the paper's Tables 1, 3 and 11.")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Replace what the demo writes in an --out that holds files it did not write (the others are kept).",
+    )
+    parser.add_argument(
+        "--ablations", action="store_true", help="Also run small counterparts of the paper's Tables 1, 3 and 11."
+    )
     parser.set_defaults(run=run)
 
 

@@ -12,6 +12,7 @@ import hashlib
 import json
 from pathlib import Path
 
+
 DEFAULT_SOURCE = Path("/usr/share/doc/python3.11/html/_sources")
 LONG_DOCUMENT_CHARS = 30_000
 EVAL_DOCUMENTS = 12

@@ -21,8 +21,10 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from ..flags import add_flag
 from ..metrics.perplexity import token_stream
 from .corpus import DEFAULT_SOURCE, load_documents, split_documents, write_split
+
 
 SPECIAL_TOKENS = ["<s>", "</s>", "<pad>"]
 
@@ -64,10 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--source", type=Path, default=DEFAULT_SOURCE)
     parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--context-length", type=int, default=256)
-    parser.add_argument("--vocab-size", type=int, default=4096)
-    parser.add_argument("--learning-rate", type=float, default=2e-3)
+    add_flag(parser, "--batch_size", type=int, default=16)
+    add_flag(parser, "--context_length", type=int, default=256)
+    add_flag(parser, "--vocab_size", type=int, default=4096)
+    add_flag(parser, "--learning_rate", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     command = "python -m longlora_hf.demo.pretrain " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -112,7 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         optimizer.zero_grad()
         recent.append(loss.item())
         if (step + 1) % 50 == 0 or step == 0:
-            print(f"step {step + 1}/{args.steps}  loss {sum(recent) / len(recent):.3f}  {time.time() - start:.0f}s", flush=True)
+            print(
+                f"step {step + 1}/{args.steps}  loss {sum(recent) / len(recent):.3f}  {time.time() - start:.0f}s",
+                flush=True,
+            )
             recent = []
 
     model.eval()
@@ -143,7 +148,10 @@ def main(argv: list[str] | None = None) -> int:
             eval_names="\n".join(f"- {name}" for name in splits["eval"]),
         )
     )
-    print(f"held-out loss {held_out_loss:.3f} (perplexity {math.exp(held_out_loss):.1f}) at {window} tokens; saved to {args.out}")
+    print(
+        f"held-out loss {held_out_loss:.3f} (perplexity {math.exp(held_out_loss):.1f}) at {window} tokens; saved to "
+        f"{args.out}"
+    )
     return 0
 
 

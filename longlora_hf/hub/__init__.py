@@ -6,4 +6,11 @@ from .convert import convert_reference_checkpoint
 from .merge import merge_adapter
 from .push import push_adapter_to_hub
 
-__all__ = ["convert_reference_checkpoint", "merge_adapter", "push_adapter_to_hub", "render_model_card", "write_model_card"]
+
+__all__ = [
+    "convert_reference_checkpoint",
+    "merge_adapter",
+    "push_adapter_to_hub",
+    "render_model_card",
+    "write_model_card",
+]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import zipfile
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from ..paths import check_model_source, check_output_directory, check_safetensors, output_directory
 from ..tuner import ADAPTER_PREFIX, LongLoraConfig, check_adapter_weights, is_input_embedding, is_normalization
 
+
 PREFIX = ADAPTER_PREFIX
 
 # Weights the reference code's transformers (4.34) named otherwise than today's, per base model type: old
@@ -31,14 +33,33 @@ PREFIX = ADAPTER_PREFIX
 RENAMED_SINCE_REFERENCE = {"gpt_neox": {"embed_out.": "lm_head."}}
 
 
+def _refusal(path: Path, error: Exception) -> str:
+    """Why `path` was not loaded, in one line, and how to get a copy that loads. torch's own message is not
+    quoted: it suggests loading the file with `weights_only=False`, which runs whatever code the file holds."""
+    text = str(error)
+    if "Weights only load failed" not in text:
+        first = next((line.strip() for line in text.splitlines() if line.strip()), type(error).__name__)
+        return f"{path} cannot be read as a PyTorch checkpoint ({first}); it may be damaged: fetch or save it again."
+    called = re.search(r"GLOBAL ([\w.]+)", text)
+    what = f"unpickling it would call {called.group(1)}" if called else "it holds objects other than plain tensors"
+    return (
+        f"{path} holds code, not only tensors ({what}), so it was not loaded: loading it could run that code. Ask "
+        "its author for a tensors-only copy, or, if you trust its source, load it in an isolated environment and "
+        f"re-save only its tensors (torch.save({{name: tensor, ...}}, '{path.name}'), or safetensors.torch.save_file "
+        "for an adapter), then convert that copy."
+    )
+
+
 def _load_pickle_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not zipfile.is_zipfile(path):
         raise ValueError(f"{path} is not a PyTorch checkpoint (torch.save writes a zip archive); refusing to load it.")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError) as error:
-        raise ValueError(f"{path} holds more than tensors (weights_only loading refused it): {error}") from error
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise ValueError(_refusal(path, error)) from None  # not torch's message, not even in a traceback
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
         raise ValueError(f"{path} is not a state dict of named tensors.")
     return state
 
@@ -56,9 +77,15 @@ def _check_lora_rank(weights: dict[str, torch.Tensor], rank: int) -> None:
     """Refuse LoRA factors of another rank than the adapter config's."""
     for name, tensor in weights.items():
         if ".lora_A." in name and (tensor.dim() != 2 or tensor.shape[0] != rank):
-            raise ValueError(f"adapter weight {name} has shape {tuple(tensor.shape)}; lora_A of rank r={rank} (adapter_config.json) is (r, in_features).")
+            raise ValueError(
+                f"adapter weight {name} has shape {tuple(tensor.shape)}; lora_A of rank r={rank} "
+                "(adapter_config.json) is (r, in_features)."
+            )
         if ".lora_B." in name and (tensor.dim() != 2 or tensor.shape[1] != rank):
-            raise ValueError(f"adapter weight {name} has shape {tuple(tensor.shape)}; lora_B of rank r={rank} (adapter_config.json) is (out_features, r).")
+            raise ValueError(
+                f"adapter weight {name} has shape {tuple(tensor.shape)}; lora_B of rank r={rank} "
+                "(adapter_config.json) is (out_features, r)."
+            )
 
 
 def _base_skeleton(base: str | None, recorded: str | None, config_path: Path) -> tuple[nn.Module, str]:
@@ -92,8 +119,8 @@ def _todays_name(name: str, model_type: str, parameters: dict[str, nn.Parameter]
     if name in parameters:
         return name
     for old, new in RENAMED_SINCE_REFERENCE.get(model_type, {}).items():
-        if name.startswith(old) and new + name[len(old):] in parameters:
-            return new + name[len(old):]
+        if name.startswith(old) and new + name[len(old) :] in parameters:
+            return new + name[len(old) :]
     return None
 
 
@@ -161,7 +188,10 @@ def _map_to_base(
                 "those (and GPT-NeoX's output head), so this is not a reference trainable_params.bin."
             )
         if tuple(tensor.shape) != tuple(parameters[key].shape):
-            raise ValueError(f"trainable_params.bin: {name} has shape {tuple(tensor.shape)}; {where} has {tuple(parameters[key].shape)}.")
+            raise ValueError(
+                f"trainable_params.bin: {name} has shape {tuple(tensor.shape)}; {where} has "
+                f"{tuple(parameters[key].shape)}."
+            )
         kinds.add(kind)
         canonical = aliases[key][0]
         if canonical in renamed:
@@ -178,7 +208,10 @@ def _map_to_base(
 
 
 def convert_reference_checkpoint(
-    checkpoint: str | Path, out: str | Path, target_context_length: int | None = None, base: str | None = None,
+    checkpoint: str | Path,
+    out: str | Path,
+    target_context_length: int | None = None,
+    base: str | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Convert `checkpoint` (reference layout) into a LongLoRA adapter in `out`.
@@ -187,7 +220,8 @@ def convert_reference_checkpoint(
     adapter_config.json records; only the config is read) maps the names of the reference's transformers 4.x
     to today's (GPT-NeoX's `embed_out` is `lm_head`), checks every tensor's name and shape against the base,
     tells by the module each trainable tensor belongs to whether it is the input embedding or a norm (what
-    LoRA+ trains; the reference chose by name, `embed` and `norm`), and says which weights the base ties to a trained one (an output head tied to the input embedding is
+    LoRA+ trains; the reference chose by name, `embed` and `norm`), and says which weights the base ties to a
+    trained one (an output head tied to the input embedding is
     written under its own name too, which PEFT needs to load it). A tensor that is no weight of the base is
     refused by name, never dropped. `out` is written by the rule of `longlora_hf.paths` (never into the
     checkpoint, files it did not write replaced only with `overwrite`, the earlier `out` or none after an
@@ -195,7 +229,10 @@ def convert_reference_checkpoint(
     checkpoint, out = Path(checkpoint), Path(out)
     config_path = checkpoint / "adapter_config.json"
     if checkpoint.exists() and not checkpoint.is_dir():
-        raise ValueError(f"--checkpoint {checkpoint} is a file; give the checkpoint's directory (the one holding adapter_config.json).")
+        raise ValueError(
+            f"--checkpoint {checkpoint} is a file; give the checkpoint's directory (the one holding "
+            "adapter_config.json)."
+        )
     if not checkpoint.exists():
         raise FileNotFoundError(f"--checkpoint {checkpoint}: no such directory.")
     if base is not None:
@@ -206,14 +243,21 @@ def convert_reference_checkpoint(
     try:
         reference = json.loads(config_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"--checkpoint: {config_path} is not valid JSON ({error}); restore it from the original.") from error
+        raise ValueError(
+            f"--checkpoint: {config_path} is not valid JSON ({error}); restore it from the original."
+        ) from error
     if not isinstance(reference, dict):
         raise ValueError(f"--checkpoint: {config_path} is not a JSON object; restore it from the original.")
     if reference.get("peft_type") != "LORA":
-        raise ValueError(f"{config_path} has peft_type {reference.get('peft_type')!r}; the reference layout is a LORA adapter.")
+        raise ValueError(
+            f"{config_path} has peft_type {reference.get('peft_type')!r}; the reference layout is a LORA adapter."
+        )
     missing = [key for key in ("r", "lora_alpha", "target_modules") if key not in reference]
     if missing:
-        raise ValueError(f"--checkpoint: {config_path} has no {', '.join(missing)}: not a LoRA adapter config. Restore it from the original.")
+        raise ValueError(
+            f"--checkpoint: {config_path} has no {', '.join(missing)}: not a LoRA adapter config. Restore it from the "
+            "original."
+        )
     trainable_path = checkpoint / "trainable_params.bin"
     if not trainable_path.is_file():
         raise FileNotFoundError(f"{checkpoint} has no trainable_params.bin (the embedding and norm weights).")

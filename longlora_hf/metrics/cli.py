@@ -4,25 +4,69 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..flags import add_flag
 from ..paths import check_input_file
 from .perplexity import BEYOND_CONTEXT, PROTOCOLS
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("eval", help="Perplexity by context length and passkey retrieval; table, JSON, PNG.")
-    parser.add_argument("--model", required=True, action="append", help="Model path or Hub id (safetensors, no remote code). Repeat to compare models: one line each in the plot.")
-    parser.add_argument("--adapter", action="append", default=[], help="A LongLoRA or LoRA adapter for the model at the same position; use 'none' for a model without one.")
-    parser.add_argument("--data", required=True, type=Path, help="Texts: .txt (one document), .json/.jsonl (records with a 'text' field), or .bin (uint16 token ids).")
-    parser.add_argument("--lengths", required=True, type=int, nargs="+", help="Evaluation context lengths, e.g. 2048 4096 8192.")
+    parser = subparsers.add_parser(
+        "eval", help="Perplexity by context length and passkey retrieval; table, JSON, PNG."
+    )
+    parser.add_argument(
+        "--model",
+        required=True,
+        action="append",
+        help=(
+            "Model path or Hub id (safetensors, no remote code). Repeat to compare models: one line each in the plot."
+        ),
+    )
+    parser.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        help="A LongLoRA or LoRA adapter for the model at the same position; use 'none' for a model without one.",
+    )
+    parser.add_argument(
+        "--data",
+        required=True,
+        type=Path,
+        help="Texts: .txt (one document), .json/.jsonl (records with a 'text' field), or .bin (uint16 token ids).",
+    )
+    parser.add_argument(
+        "--lengths", required=True, type=int, nargs="+", help="Evaluation context lengths, e.g. 2048 4096 8192."
+    )
     parser.add_argument("--protocol", default="longlora", choices=PROTOCOLS)
     parser.add_argument("--stride", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--beyond-context", default="warn", choices=BEYOND_CONTEXT, help="Lengths beyond the model's context: warn or refuse.")
-    parser.add_argument("--passkey-depths", type=float, nargs="*", default=[], help="Also run passkey retrieval at these depths (fractions in [0, 1]).")
-    parser.add_argument("--passkey-trials", type=int, default=5)
+    add_flag(parser, "--batch_size", type=int, default=1)
+    add_flag(
+        parser,
+        "--beyond_context",
+        default="warn",
+        choices=BEYOND_CONTEXT,
+        help="Lengths beyond the model's context: warn or refuse.",
+    )
+    add_flag(
+        parser,
+        "--passkey_depths",
+        type=float,
+        nargs="*",
+        default=[],
+        help="Also run passkey retrieval at these depths (fractions in [0, 1]).",
+    )
+    add_flag(parser, "--passkey_trials", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("eval_results"), help="Directory for results.json and the plots (replaced as a whole when an earlier eval wrote it).")
-    parser.add_argument("--overwrite", action="store_true", help="Replace what eval writes in an --out that holds files it did not write (the others are kept).")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("eval_results"),
+        help="Directory for results.json and the plots (replaced as a whole when an earlier eval wrote it).",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Replace what eval writes in an --out that holds files it did not write (the others are kept).",
+    )
     parser.set_defaults(run=run_eval)
 
 
@@ -83,7 +127,11 @@ def run_eval(args) -> int:
             check_adapter_against_config(path, adapter)
     inputs = {"--model": args.model, "--adapter": [a for a in adapters if a != "none"], "--data": args.data}
     check_output_directory(args.out, "--out", inputs, args.overwrite)
-    data = {"token_file": check_input_file(args.data, "--data")} if args.data.suffix == ".bin" else {"predictions": read_texts(args.data)}
+    data = (
+        {"token_file": check_input_file(args.data, "--data")}
+        if args.data.suffix == ".bin"
+        else {"predictions": read_texts(args.data)}
+    )
     with output_directory(args.out, "--out", inputs, args.overwrite) as partial:
         written = evaluate_models(args, adapters, data, partial)
     print(written)
@@ -102,20 +150,31 @@ def evaluate_models(args, adapters: list[str], data: dict, out: Path) -> str:
         adapter = None if adapter == "none" else adapter
         model, tokenizer = load_model_and_tokenizer(path, adapter=adapter)
         result = compute_perplexity(
-            model, tokenizer, context_lengths=args.lengths, protocol=args.protocol, stride=args.stride,
-            batch_size=args.batch_size, beyond_context=args.beyond_context, **data,
+            model,
+            tokenizer,
+            context_lengths=args.lengths,
+            protocol=args.protocol,
+            stride=args.stride,
+            batch_size=args.batch_size,
+            beyond_context=args.beyond_context,
+            **data,
         )
         name = path if adapter is None else f"{path} + {adapter}"
         rows[name] = {length: row["perplexity"] for length, row in result["by_context_length"].items()}
         report = {"model": path, "adapter": adapter, "perplexity": result}
         if args.passkey_depths:
-            passkey = passkey_retrieval(model, tokenizer, args.lengths, args.passkey_depths, args.passkey_trials, args.seed)
+            passkey = passkey_retrieval(
+                model, tokenizer, args.lengths, args.passkey_depths, args.passkey_trials, args.seed
+            )
             report["passkey"] = passkey
             if plots_available():
                 plot_passkey(passkey["accuracy"], out / f"passkey_{index}.png", title=f"passkey retrieval: {name}")
             print(f"passkey accuracy of {name} (rows: depth, columns: context length)")
             for depth in args.passkey_depths:
-                print(f"{depth:>6.2f}" + "".join(f"{passkey['accuracy'][length][depth]:>10.2f}" for length in args.lengths))
+                print(
+                    f"{depth:>6.2f}"
+                    + "".join(f"{passkey['accuracy'][length][depth]:>10.2f}" for length in args.lengths)
+                )
         reports.append(report)
     print(f"perplexity ({args.protocol} protocol, stride {args.stride})")
     print(context_length_table(rows))

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from .perplexity import check_context_lengths
 
+
 TASK = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
     "I will quiz you about the important information there."
@@ -60,7 +61,15 @@ def answer_is_correct(continuation: str, key: str) -> bool:
 
 
 @torch.no_grad()
-def passkey_retrieval(model, tokenizer, context_lengths, depths=(0.0, 0.25, 0.5, 0.75, 1.0), trials: int = 5, seed: int = 0, progress: bool = True) -> dict:
+def passkey_retrieval(
+    model,
+    tokenizer,
+    context_lengths,
+    depths=(0.0, 0.25, 0.5, 0.75, 1.0),
+    trials: int = 5,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
     """Accuracy[context_length][depth] over `trials` random keys each (greedy decoding, dense attention)."""
     # Checked before the first prompt, not when a bad value's turn comes after minutes of generation.
     context_lengths = check_context_lengths(context_lengths)
@@ -76,19 +85,32 @@ def passkey_retrieval(model, tokenizer, context_lengths, depths=(0.0, 0.25, 0.5,
             correct = 0
             for _ in range(trials):
                 key = str(rng.randint(10000, 99999))
-                ids = tokenizer(passkey_prompt(tokenizer, length, depth, key), return_tensors="pt")["input_ids"].to(device)
+                ids = tokenizer(passkey_prompt(tokenizer, length, depth, key), return_tensors="pt")["input_ids"].to(
+                    device
+                )
                 answer_tokens = len(tokenizer(" " + key, add_special_tokens=False)["input_ids"])
                 output = model.generate(
                     input_ids=ids,
                     attention_mask=torch.ones_like(ids),
                     max_new_tokens=answer_tokens + 2,
                     do_sample=False,
-                    pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id
+                    if tokenizer.pad_token_id is not None
+                    else tokenizer.eos_token_id,
                 )
                 continuation = tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True)
                 ok = answer_is_correct(continuation, key)
                 correct += ok
-                records.append({"context_length": length, "depth": depth, "key": key, "answer": continuation, "correct": ok, "prompt_tokens": ids.shape[1]})
+                records.append(
+                    {
+                        "context_length": length,
+                        "depth": depth,
+                        "key": key,
+                        "answer": continuation,
+                        "correct": ok,
+                        "prompt_tokens": ids.shape[1],
+                    }
+                )
             accuracy.setdefault(length, {})[depth] = correct / trials
     finally:
         model.train(was_training)

@@ -12,7 +12,9 @@ negative log-likelihood / scored tokens).
 
 from __future__ import annotations
 
+import inspect
 import math
+import time
 import warnings
 from pathlib import Path
 
@@ -21,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..position_interpolation import context_length
+
 
 PROTOCOLS = ("longlora", "strided")
 BEYOND_CONTEXT = ("warn", "error")
@@ -129,53 +132,195 @@ def _check_data_fits_model(model, stream: torch.Tensor, context_lengths: list[in
             warnings.warn(message, stacklevel=3)
 
 
-@torch.no_grad()
-def _window_nll_sums_and_counts(model, windows: torch.Tensor, labels: torch.Tensor | None, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per window: (sum of next-token negative log-likelihoods, number of scored tokens)."""
-    device = next(model.parameters()).device
-    sums, counts = [], []
-    for start in range(0, windows.shape[0], batch_size):
-        ids = windows[start : start + batch_size].to(device)
-        target = ids if labels is None else labels[start : start + batch_size].to(device)
-        logits = model(input_ids=ids).logits[:, :-1].double()
-        target = target[:, 1:]
-        scored = target != -100
-        nll = torch.nn.functional.cross_entropy(
-            logits.transpose(1, 2), target.masked_fill(~scored, 0), reduction="none"
+# Positions whose logits exist at once while scoring (split across a batch's rows): the scoring memory is
+# this many positions by the vocabulary, whatever the window.
+SCORING_TOKENS = 1024
+
+
+def _logit_transform(config):
+    """What transformers' causal LMs do to the LM head's output before returning it as logits, from the
+    config: Gemma 2/3's final soft-capping, Granite's `logits_scaling`, Cohere's `logit_scale`. Other
+    transforms are caught by `_WindowScorer`'s check of the last position."""
+    cap = getattr(config, "final_logit_softcapping", None)
+    divisor = getattr(config, "logits_scaling", None)
+    factor = getattr(config, "logit_scale", None)
+
+    def transform(logits: torch.Tensor) -> torch.Tensor:
+        # The models' own operations, in their order and dtype, so that the logits agree bit for bit.
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        if divisor is not None:
+            logits = logits / divisor
+        if factor is not None:
+            logits = logits * factor
+        return logits
+
+    return transform
+
+
+class _WindowScorer:
+    """Sums of next-token negative log-likelihoods of batches of windows, with logits for at most
+    `SCORING_TOKENS` positions at a time.
+
+    A causal LM's full logits are window x vocabulary (16k tokens x 49k tokens: 3 GB in float32, twice that
+    in float64), so the model is asked for the last position's logits only (`logits_to_keep=1`); the
+    decoder's output is caught by a hook and projected by the LM head chunk by chunk. The last position,
+    which no target needs, checks the route: its logits must equal the model's own, or the scorer warns
+    and falls back to the model's full logits (still scored chunk by chunk, with no float64 copy)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.device = next(model.parameters()).device
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a PEFT wrapper
+        parameters = inspect.signature(base.forward).parameters
+        self.no_cache = {"use_cache": False} if "use_cache" in parameters else {}  # no key/value cache to keep
+        get_decoder, get_head = getattr(base, "get_decoder", None), getattr(base, "get_output_embeddings", None)
+        self.decoder = get_decoder() if get_decoder is not None else None
+        self.head = get_head() if get_head is not None else None
+        self.transform = _logit_transform(getattr(base, "config", None))
+        self.why_full_logits = None
+        if "logits_to_keep" not in parameters:
+            self.why_full_logits = "its forward takes no logits_to_keep"
+        elif self.decoder is None or self.decoder is base or self.head is None:
+            self.why_full_logits = "it has no separate decoder and output embeddings"
+        if self.why_full_logits is not None:
+            self._warn()
+
+    def _warn(self) -> None:
+        warnings.warn(
+            f"Perplexity is scored from the model's full logits ({self.why_full_logits}): the memory of scoring "
+            "grows with the window (window x vocabulary).",
+            stacklevel=2,
         )
-        sums.append((nll * scored).sum(-1).cpu())
-        counts.append(scored.sum(-1).cpu())
-    return torch.cat(sums).double(), torch.cat(counts)
+
+    def __call__(self, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row of `ids` (batch, window): (sum of -log p(labels[t] | ids[:t]) over t >= 1 whose label is
+        not -100, in float64; number of those t)."""
+        ids = ids.to(self.device)
+        if self.why_full_logits is None:
+            hidden = self._decoder_output(ids)  # (batch, window, hidden), or None: route failed
+            if hidden is not None:
+                return _nll_sums(lambda begin, end: self.transform(self.head(hidden[:, begin:end])), labels)
+            self._warn()
+        logits = self.model(input_ids=ids, **self.no_cache).logits  # (batch, window, vocab)
+        return _nll_sums(lambda begin, end: logits[:, begin:end], labels)
+
+    def _decoder_output(self, ids: torch.Tensor) -> torch.Tensor | None:
+        caught = []
+        handle = self.decoder.register_forward_hook(lambda module, args, output: caught.append(output[0]))
+        try:
+            last = self.model(input_ids=ids, logits_to_keep=1, **self.no_cache).logits[:, -1]  # (batch, vocab)
+        finally:
+            handle.remove()
+        if len(caught) != 1 or not torch.is_tensor(caught[0]) or caught[0].shape[:2] != ids.shape:
+            self.why_full_logits = "its decoder's output is not one (batch, window, hidden) tensor"
+            return None
+        hidden = caught[0]
+        ours = self.transform(self.head(hidden[:, -1:]))[:, -1]
+        tolerance = 4 * torch.finfo(last.dtype).eps * last.abs().max().float()
+        if ours.shape != last.shape or (ours.float() - last.float()).abs().max() > tolerance:
+            self.why_full_logits = "its logits are not the LM head's projection of the decoder's output"
+            return None
+        return hidden
 
 
-def perplexity_at(model, stream: torch.Tensor, context_length: int, protocol: str, stride: int, batch_size: int) -> dict:
+def _nll_sums(logits_between, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of `labels` (batch, window): (float64 sum of next-token NLLs, scored tokens), from
+    `logits_between(begin, end)` (batch, end - begin, vocab) for at most `SCORING_TOKENS` positions at a
+    time; cross-entropy in float32 (float64 for a float64 model)."""
+    batch, window = labels.shape
+    step = max(1, SCORING_TOKENS // batch)
+    sums = torch.zeros(batch, dtype=torch.float64)
+    counts = torch.zeros(batch, dtype=torch.long)
+    for begin in range(0, window - 1, step):
+        end = min(begin + step, window - 1)
+        logits = logits_between(begin, end)  # (batch, end - begin, vocab): predictions of labels[begin + 1 : end + 1]
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        target = labels[:, begin + 1 : end + 1].to(logits.device)
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")  # 0 where -100
+        sums += nll.double().sum(-1).cpu()
+        counts += (target != -100).sum(-1).cpu()
+    return sums, counts
+
+
+def evaluation_windows(n_tokens: int, context_length: int, protocol: str, stride: int) -> list[tuple[int, int, int]]:
+    """Each window of `protocol` as (begin, end, first scored position in the window): known before any
+    forward, so that the progress bar counts windows and a length that leaves none is refused up front."""
     if protocol == "longlora":
-        starts = longlora_window_starts(stream.numel(), context_length, stride)
+        starts = longlora_window_starts(n_tokens, context_length, stride)
         if not starts:
             raise ValueError(
-                f"context length {context_length} leaves no evaluation window in {stream.numel()} tokens with "
+                f"context length {context_length} leaves no evaluation window in {n_tokens} tokens with "
                 f"stride {stride} (the protocol needs more than {context_length + stride} tokens)."
             )
-        windows = torch.stack([stream[s : s + context_length] for s in starts])
-        sums, counts = _window_nll_sums_and_counts(model, windows, None, batch_size)
-        loss = (sums / counts).mean().item()
-        return {"perplexity": math.exp(loss), "loss": loss, "windows": len(starts), "tokens_scored": int(counts.sum())}
-    nll_sums, token_counts, previous_end = [], [], 0
-    for begin in range(0, stream.numel(), stride):
-        end = min(begin + context_length, stream.numel())
+        return [(start, start + context_length, 1) for start in starts]
+    windows, previous_end = [], 0
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + context_length, n_tokens)
         if end - begin < 2:
             break
-        window = stream[begin:end]
-        label = window.clone()
-        label[: max(0, (end - begin) - (end - previous_end))] = -100
-        sums, counts = _window_nll_sums_and_counts(model, window[None], label[None], 1)
-        nll_sums.append(sums.item())
-        token_counts.append(int(counts.item()))
+        windows.append((begin, end, max(1, previous_end - begin)))  # tokens before previous_end were scored
         previous_end = end
-        if end == stream.numel():
+        if end == n_tokens:
             break
-    loss = sum(nll_sums) / sum(token_counts)
-    return {"perplexity": math.exp(loss), "loss": loss, "windows": len(nll_sums), "tokens_scored": sum(token_counts)}
+    return windows
+
+
+class _Progress:
+    """A bar that counts windows over all context lengths (a 16k window of a 7B model takes seconds, so a bar
+    of context lengths sits at 0 for minutes), with the tokens per second so far."""
+
+    def __init__(self, total_windows: int, enabled: bool):
+        self.bar = tqdm(total=total_windows, desc="perplexity", unit="window", disable=not enabled)
+        self.tokens, self.started = 0, time.perf_counter()
+
+    def __enter__(self) -> _Progress:
+        return self
+
+    def __exit__(self, *exception) -> None:
+        self.bar.close()
+
+    def at_length(self, length: int) -> None:
+        self.bar.set_description(f"perplexity at {length}")
+
+    def advance(self, windows: int, tokens: int) -> None:
+        self.tokens += tokens
+        rate = self.tokens / max(time.perf_counter() - self.started, 1e-9)
+        self.bar.set_postfix_str(f"{rate:,.0f} tokens/s", refresh=False)
+        self.bar.update(windows)
+
+
+def _batches(windows: list[tuple[int, int, int]], batch_size: int) -> list[list[tuple[int, int, int]]]:
+    """Consecutive windows of one length, at most `batch_size` at a time (the strided protocol's last windows
+    are shorter than the others)."""
+    batches = []
+    for window in windows:
+        last = batches[-1] if batches else None
+        if last and len(last) < batch_size and last[0][1] - last[0][0] == window[1] - window[0]:
+            last.append(window)
+        else:
+            batches.append([window])
+    return batches
+
+
+@torch.no_grad()
+def perplexity_at(
+    scorer: _WindowScorer, stream: torch.Tensor, windows, protocol: str, batch_size: int, progress: _Progress
+) -> dict:
+    """Perplexity of `protocol` over `windows` (from `evaluation_windows`)."""
+    sums, counts = [], []
+    for batch in _batches(windows, batch_size):
+        ids = torch.stack([stream[begin:end] for begin, end, _ in batch])  # (batch, window)
+        labels = ids.clone()
+        for row, (_, _, scored_from) in enumerate(batch):
+            labels[row, :scored_from] = -100
+        batch_sums, batch_counts = scorer(ids, labels)
+        sums.append(batch_sums)
+        counts.append(batch_counts)
+        progress.advance(len(batch), ids.numel())
+    sums, counts = torch.cat(sums), torch.cat(counts)
+    loss = ((sums / counts).mean() if protocol == "longlora" else sums.sum() / counts.sum()).item()
+    return {"perplexity": math.exp(loss), "loss": loss, "windows": len(windows), "tokens_scored": int(counts.sum())}
 
 
 def compute_perplexity(
@@ -197,6 +342,8 @@ def compute_perplexity(
     Data: `predictions` (texts, joined into one token stream), `input_ids` (one sequence of ids), or
     `token_file` (flat uint16 ids). Returns `perplexities` (one per context length, in order),
     `mean_perplexity`, and `by_context_length` {length: {perplexity, loss, windows, tokens_scored}}.
+    `progress` shows a bar of the windows of all context lengths, with tokens per second. Scoring holds the
+    logits of `SCORING_TOKENS` positions at a time, not of a whole window (see `_WindowScorer`).
     """
     # What needs neither the model nor the data is checked before a model path is loaded (minutes for a 7B).
     check_perplexity_options(protocol, stride, batch_size, beyond_context)
@@ -216,12 +363,16 @@ def compute_perplexity(
         stream = torch.as_tensor(input_ids, dtype=torch.long).flatten()
     _check_data_fits_model(model, stream, context_lengths, beyond_context)
 
+    plan = {length: evaluation_windows(stream.numel(), length, protocol, stride) for length in context_lengths}
+
     was_training = model.training
     model.eval()
     try:
-        table = {}
-        for length in tqdm(context_lengths, desc="perplexity", disable=not progress):
-            table[length] = perplexity_at(model, stream, length, protocol, stride, batch_size)
+        scorer, table = _WindowScorer(model), {}
+        with _Progress(sum(len(windows) for windows in plan.values()), progress) as bar:
+            for length, windows in plan.items():
+                bar.at_length(length)
+                table[length] = perplexity_at(scorer, stream, windows, protocol, batch_size, bar)
     finally:
         model.train(was_training)
     perplexities = [table[length]["perplexity"] for length in context_lengths]

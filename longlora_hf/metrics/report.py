@@ -6,7 +6,11 @@ import importlib.util
 import json
 from pathlib import Path
 
-NO_PLOTS = "no PNG plots: matplotlib is not installed (`pip install 'longlora-hf[plots]'` adds it); the table and JSON have every figure"
+
+NO_PLOTS = (
+    "no PNG plots: matplotlib is not installed (`pip install 'longlora-hf[plots]'` adds it); "
+    "the table and JSON have every figure"
+)
 
 
 def plots_available() -> bool:
@@ -32,7 +36,10 @@ def context_length_table(rows: dict[str, dict[int, float]]) -> str:
     width = max([len(name) for name in rows] + [5]) + 2
     lines = [f"{'model':<{width}}" + "".join(f"{length:>10}" for length in lengths)]
     for name, row in rows.items():
-        lines.append(f"{name:<{width}}" + "".join(f"{row[length]:>10.2f}" if length in row else f"{'-':>10}" for length in lengths))
+        lines.append(
+            f"{name:<{width}}"
+            + "".join(f"{row[length]:>10.2f}" if length in row else f"{'-':>10}" for length in lengths)
+        )
     return "\n".join(lines)
 
 

@@ -13,6 +13,7 @@ from .formatting import (
 )
 from .trainer import LongLoraSFTTrainer
 
+
 __all__ = [
     "LONGQA_PROMPT",
     "LongAlpacaFields",

@@ -11,10 +11,12 @@ from torch import nn
 from transformers import TrainerCallback
 
 from ..attention import S2_ATTN_IMPLEMENTATION, S2AttentionSettings
-from ..tuner import is_input_embedding, is_normalization, longlora_config_of
 from ..position_interpolation import context_length, describe_rope, rope_parameters_of
+from ..tuner import is_input_embedding, is_normalization, longlora_config_of
 from .launch import DistributedSetup, check_launch
+from .precision import precision, slow_bf16_warning
 from .sequence_parallel import prepare_sequence_parallel
+
 
 logger = logging.getLogger(__name__)
 
@@ -33,16 +35,20 @@ class LongLoraReport:
     trainable: dict[str, int] = field(default_factory=dict)
     distributed: DistributedSetup | None = None
     quantization: str | None = None  # of the base model, e.g. "bitsandbytes 4-bit nf4 (compute float32)"
+    precision: str | None = None  # e.g. "no autocast, float32 weights"; "bf16 autocast (emulated on this CPU: slow)"
 
     def __str__(self) -> str:
         attention = "S2-Attn off (dense attention)"
         if self.s2_attention:
-            attention = f"S2-Attn on: group size {self.group_size}, {self.groups} groups at max_length {self.max_length}"
+            attention = (
+                f"S2-Attn on: group size {self.group_size}, {self.groups} groups at max_length {self.max_length}"
+            )
         counts = ", ".join(f"{name} {count:,}" for name, count in self.trainable.items())
         return (
             f"LongLoRA: {attention}; context {self.context_length} tokens (extended x"
             f"{self.position_interpolation_factor:g}, RoPE {self.rope}); trainable parameters: {counts}"
             + (f"; base quantized: {self.quantization}" if self.quantization else "")
+            + (f"; precision: {self.precision}" if self.precision else "")
             + (f"; launch: {self.distributed}" if self.distributed is not None else "")
         )
 
@@ -132,8 +138,8 @@ class LongLoraCallback(TrainerCallback):
             group_size = S2AttentionSettings.from_config(base.config).group_size_for(max_length)
             if group_size < 2:
                 raise ValueError(
-                    f"S2-Attn groups of {group_size} tokens at max_length {max_length}: groups need at least 2 tokens. "
-                    "Raise group_size_ratio or set group_size."
+                    f"S2-Attn groups of {group_size} tokens at max_length {max_length}: groups need at least 2 "
+                    "tokens. Raise group_size_ratio or set group_size."
                 )
             groups = math.ceil(max_length / group_size)
         if max_length and context and max_length > context:
@@ -144,9 +150,19 @@ class LongLoraCallback(TrainerCallback):
         longlora = longlora_config_of(model)
         factor = (longlora.position_interpolation_factor if longlora else None) or 1.0
         rope = describe_rope(rope_parameters_of(config))
+        ran = precision(args, model) + (" (emulated on this CPU: slow, see --bf16)" if slow_bf16_warning(args) else "")
         self.report = LongLoraReport(
-            runs_s2, max_length, group_size, groups, context, factor, rope, _trainable_by_kind(model), distributed,
+            runs_s2,
+            max_length,
+            group_size,
+            groups,
+            context,
+            factor,
+            rope,
+            _trainable_by_kind(model),
+            distributed,
             _quantization(base.config),
+            ran,
         )
         if state.is_world_process_zero:
             logger.warning(str(self.report))
@@ -154,7 +170,12 @@ class LongLoraCallback(TrainerCallback):
     def on_push_begin(self, args, state, control, model=None, **kwargs):
         """A push from a plain `Trainer`/`SFTTrainer` publishes that trainer's card (written after the adapter is
         saved, out of a callback's reach): say so, once, and how to publish the LongLoRA card instead."""
-        if self.trainer_writes_card or self._said_card or not state.is_world_process_zero or longlora_config_of(model) is None:
+        if (
+            self.trainer_writes_card
+            or self._said_card
+            or not state.is_world_process_zero
+            or longlora_config_of(model) is None
+        ):
             return
         self._said_card = True
         logger.warning(

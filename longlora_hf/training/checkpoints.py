@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..paths import check_safetensors
 
+
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 WEIGHTS = ("adapter_model.safetensors", "model.safetensors", "adapter_model.bin", "pytorch_model.bin")
 
@@ -48,7 +49,11 @@ def incomplete(checkpoint: str | Path) -> str | None:
 
 def checkpoints(output_dir: str | Path) -> list[Path]:
     """The `checkpoint-N` directories of `output_dir`, newest (highest N) first."""
-    found = [(int(m.group(1)), p) for p in Path(output_dir).glob("checkpoint-*") if (m := CHECKPOINT.match(p.name)) and p.is_dir()]
+    found = [
+        (int(m.group(1)), p)
+        for p in Path(output_dir).glob("checkpoint-*")
+        if (m := CHECKPOINT.match(p.name)) and p.is_dir()
+    ]
     return [path for _, path in sorted(found, reverse=True)]
 
 
@@ -62,3 +67,16 @@ def last_complete_checkpoint(output_dir: str | Path) -> tuple[Path | None, dict[
             return checkpoint, skipped
         skipped[checkpoint] = reason
     return None, skipped
+
+
+def finished(checkpoint: str | Path, max_steps: int, num_train_epochs: float) -> str | None:
+    """How the run of a complete `checkpoint` already reached the end asked for (`max_steps` when positive, else
+    `num_train_epochs`), or None when there is training left. The Trainer, resumed from the checkpoint of a
+    finished run, still trains one step past it (it checks the end only after a step) and saves over the result."""
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
+    step, epoch = state["global_step"], state.get("epoch") or 0.0
+    if max_steps > 0:
+        return f"it is at step {step} of --max_steps {max_steps}" if step >= max_steps else None
+    if epoch >= num_train_epochs - 1e-6:
+        return f"it is at epoch {epoch:g} of --num_train_epochs {num_train_epochs:g}"
+    return None

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from dataclasses import fields as dataclass_fields
 from pathlib import Path
 
+
 LONGQA_PROMPT = (
     "Below is {material_type}. Memorize the content and answer my question after the {material_type}. "
     "{material_content}\n Now the material ends. {question}"
@@ -42,7 +43,9 @@ class LongQAFields:
 class LongAlpacaFields:
     """Field names of LongAlpaca records."""
 
-    instruction: str = field(default="instruction", metadata={"help": "The instruction (LongAlpaca puts the material in it)."})
+    instruction: str = field(
+        default="instruction", metadata={"help": "The instruction (LongAlpaca puts the material in it)."}
+    )
     output: str = field(default="output", metadata={"help": "The response: the completion, where the loss goes."})
     input: str = field(default="input", metadata={"help": "Optional further input, appended to the instruction."})
 
@@ -77,7 +80,9 @@ def record_fields(style: str, spec: str | None, name: str = "fields"):
         role, _, column = pair.partition("=")
         role, column = role.strip(), column.strip()
         if role not in roles or not column:
-            raise ValueError(f"{name} {spec!r}: {pair!r} is not role=column with a role of {style} records ({', '.join(roles)}).")
+            raise ValueError(
+                f"{name} {spec!r}: {pair!r} is not role=column with a role of {style} records ({', '.join(roles)})."
+            )
         changes[role] = column
     return replace(names, **changes)
 
@@ -97,16 +102,24 @@ def _field(record: dict, name: str, index: int, style: str) -> str:
     return value
 
 
-def format_longqa(record: dict, fields: LongQAFields = LongQAFields(), index: int = 0) -> dict[str, str]:
+def format_longqa(record: dict, fields: LongQAFields | None = None, index: int = 0) -> dict[str, str]:
     """{material_type, material_content, question, answer} -> {prompt, completion}."""
-    values = {key: _field(record, getattr(fields, key), index, "LongQA") for key in ("material_type", "material_content", "question")}
+    fields = fields or LongQAFields()
+    values = {
+        key: _field(record, getattr(fields, key), index, "LongQA")
+        for key in ("material_type", "material_content", "question")
+    }
     return {"prompt": LONGQA_PROMPT.format(**values), "completion": _field(record, fields.answer, index, "LongQA")}
 
 
 def format_longalpaca(
-    record: dict, fields: LongAlpacaFields = LongAlpacaFields(), index: int = 0, system_prompt: str = LLAMA2_SYSTEM_PROMPT
+    record: dict,
+    fields: LongAlpacaFields | None = None,
+    index: int = 0,
+    system_prompt: str = LLAMA2_SYSTEM_PROMPT,
 ) -> dict[str, str]:
     """{instruction, output[, input]} -> {prompt, completion} in Llama-2's [INST] chat format."""
+    fields = fields or LongAlpacaFields()
     instruction = _field(record, fields.instruction, index, "LongAlpaca")
     extra = record.get(fields.input, "") if isinstance(record, Mapping) else ""
     if extra:
@@ -135,7 +148,9 @@ def read_records(path: str | Path) -> list:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise ValueError(f"{path} is not UTF-8 (byte {error.start} is {raw[error.start]:#x}); convert it to UTF-8.") from error
+        raise ValueError(
+            f"{path} is not UTF-8 (byte {error.start} is {raw[error.start]:#x}); convert it to UTF-8."
+        ) from error
     if path.suffix == ".jsonl":
         records = _json_lines(text, path)
     else:
@@ -143,10 +158,15 @@ def read_records(path: str | Path) -> list:
             records = json.loads(text)
         except json.JSONDecodeError as error:
             if error.msg != "Extra data":
-                raise ValueError(f"{path} is not valid JSON: {error.msg} (line {error.lineno}, column {error.colno}).") from error
+                raise ValueError(
+                    f"{path} is not valid JSON: {error.msg} (line {error.lineno}, column {error.colno})."
+                ) from error
             records = _json_lines(text, path)  # one JSON value per line
         if not isinstance(records, list):
-            raise ValueError(f"{path} must hold a JSON list of records (or one record per line); it holds a {type(records).__name__}.")
+            raise ValueError(
+                f"{path} must hold a JSON list of records (or one record per line); it holds a "
+                f"{type(records).__name__}."
+            )
     if not records:
         raise ValueError(f"{path} holds no records: the dataset is empty.")
     return records
@@ -163,27 +183,59 @@ def check_training_file(path: str | Path, text_field: str = "text") -> None:
         try:
             raw.decode("utf-8")
         except UnicodeDecodeError as error:
-            raise ValueError(f"{path} is not UTF-8 (byte {error.start} is {raw[error.start]:#x}); convert it to UTF-8.") from error
+            raise ValueError(
+                f"{path} is not UTF-8 (byte {error.start} is {raw[error.start]:#x}); convert it to UTF-8."
+            ) from error
         if not raw.strip():
             raise ValueError(f"{path} is empty: the dataset has no text.")
         return
     if path.suffix not in (".json", ".jsonl"):
         return
     columns = f"a {text_field!r} string, 'messages', 'prompt' and 'completion', or 'input_ids'"
+    with_content = 0
     for number, record in enumerate(read_records(path), 1):
         if not isinstance(record, dict):
-            raise ValueError(f"{path} record {number} is a JSON {type(record).__name__}; TRL's SFT needs JSON objects with {columns}.")
+            raise ValueError(
+                f"{path} record {number} is a JSON {type(record).__name__}; TRL's SFT needs JSON objects with "
+                f"{columns}."
+            )
         if "messages" in record or "input_ids" in record or ("prompt" in record and "completion" in record):
+            with_content += _has_content(record)
             continue
         if text_field in record:
             if not isinstance(record[text_field], str):
-                raise ValueError(f"{path} record {number}: {text_field!r} is a {type(record[text_field]).__name__}, not a string.")
+                raise ValueError(
+                    f"{path} record {number}: {text_field!r} is a {type(record[text_field]).__name__}, not a string."
+                )
+            with_content += bool(record[text_field].strip())
             continue
         fields = ", ".join(sorted(record)[:8]) or "none"
         raise ValueError(
             f"{path} record {number} has fields {fields}; TRL's SFT needs {columns}. Rename the field, pass "
-            "--dataset_text_field NAME for the field holding the text, or --record_format for LongQA/LongAlpaca records."
+            "--dataset_text_field NAME for the field holding the text, or --record_format for LongQA/LongAlpaca "
+            "records."
         )
+    if not with_content:
+        raise ValueError(
+            f"{path}: every record is empty (blank {text_field!r}, messages, prompt and completion, or input_ids): "
+            "training would learn only end-of-sequence tokens. Fill the records, or pass --dataset_text_field NAME "
+            "for the field holding the text."
+        )
+
+
+def _has_content(record: dict) -> bool:
+    """Whether a conversational, prompt-completion or tokenized record holds anything to train on."""
+
+    def filled(value) -> bool:
+        if isinstance(value, str):
+            return bool(value.strip())
+        if isinstance(value, dict):
+            return filled(value.get("content"))
+        if isinstance(value, list):
+            return any(filled(item) if isinstance(item, (str, dict, list)) else item is not None for item in value)
+        return value is not None
+
+    return any(filled(record.get(key)) for key in ("messages", "input_ids", "prompt", "completion"))
 
 
 def format_records(
@@ -221,7 +273,9 @@ def format_records(
             counts["kept"] += 1
         formatted.append(example)
     if not formatted:
-        raise ValueError(f"Every one of the {len(records)} records is longer than max_length={max_length} and was dropped.")
+        raise ValueError(
+            f"Every one of the {len(records)} records is longer than max_length={max_length} and was dropped."
+        )
     return formatted, counts
 
 

@@ -31,8 +31,11 @@ class DistributedSetup:
     def __str__(self) -> str:
         if self.processes == 1 and self.distributed_type == "NO":
             return "1 process (not distributed)"
-        parts = [f"{self.distributed_type}", f"{self.processes} processes (this is rank {self.process_index})",
-                 f"data-parallel {self.data_parallel}"]
+        parts = [
+            f"{self.distributed_type}",
+            f"{self.processes} processes (this is rank {self.process_index})",
+            f"data-parallel {self.data_parallel}",
+        ]
         if self.zero_stage is not None:
             parts.append(f"ZeRO stage {self.zero_stage}" + (f" (offload: {self.offload})" if self.offload else ""))
         if self.fsdp_version is not None:
@@ -60,7 +63,10 @@ def distributed_setup() -> DistributedSetup:
         zero = getattr(plugin, "zero_stage", None) if kind == "DEEPSPEED" else None
         if zero is not None:
             zero_config = (getattr(plugin, "deepspeed_config", None) or {}).get("zero_optimization", {})
-            places = {what: (zero_config.get(f"offload_{key}") or {}).get("device", "none") for what, key in (("optimizer", "optimizer"), ("parameters", "param"))}
+            places = {
+                what: (zero_config.get(f"offload_{key}") or {}).get("device", "none")
+                for what, key in (("optimizer", "optimizer"), ("parameters", "param"))
+            }
             offload = ", ".join(f"{what} {device}" for what, device in places.items() if device != "none") or None
         fsdp = getattr(getattr(state, "fsdp_plugin", None), "fsdp_version", None) if kind == "FSDP" else None
     sp = getattr(parallelism, "sp_size", None)
@@ -69,7 +75,17 @@ def distributed_setup() -> DistributedSetup:
     non_data = 1
     for name in ("tp_size", "cp_size", "sp_size"):
         non_data *= getattr(parallelism, name, None) or 1
-    return DistributedSetup(kind, state.num_processes, state.process_index, max(1, state.num_processes // non_data), zero, offload, fsdp, sp, full)
+    return DistributedSetup(
+        kind,
+        state.num_processes,
+        state.process_index,
+        max(1, state.num_processes // non_data),
+        zero,
+        offload,
+        fsdp,
+        sp,
+        full,
+    )
 
 
 def check_launch(setup: DistributedSetup | None = None) -> DistributedSetup:
@@ -88,7 +104,9 @@ def check_launch(setup: DistributedSetup | None = None) -> DistributedSetup:
     # Before the Trainer's Accelerator exists, accelerate reports FSDP on GPUs as MULTI_GPU (and DeepSpeed on a
     # CPU as MULTI_CPU); it never shards with FSDP on a CPU (MULTI_CPU) or in a process started alone (NO).
     fsdp_asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-    if fsdp_asked and (setup.distributed_type in ("NO", "MULTI_CPU") or (setup.final and setup.distributed_type != "FSDP")):
+    if fsdp_asked and (
+        setup.distributed_type in ("NO", "MULTI_CPU") or (setup.final and setup.distributed_type != "FSDP")
+    ):
         raise ValueError(
             f"the accelerate config asks for FSDP (ACCELERATE_USE_FSDP=true), but accelerate runs "
             f"{setup.distributed_type} with {setup.processes} process(es): accelerate shards with FSDP only on "

@@ -23,6 +23,7 @@ import logging
 from ..attention import S2_ATTN_IMPLEMENTATION
 from ..attention.sequence_parallel import check_sequence_parallel_heads
 
+
 logger = logging.getLogger(__name__)
 
 
@@ -102,7 +103,9 @@ def use_sequence_parallelism(training_args, sp_size: int, attn_implementation: s
     from accelerate.parallelism_config import ParallelismConfig
     from accelerate.utils import DeepSpeedSequenceParallelConfig
 
-    handler = DeepSpeedSequenceParallelConfig(sp_seq_length_is_variable=True, sp_attn_implementation=attn_implementation)
+    handler = DeepSpeedSequenceParallelConfig(
+        sp_seq_length_is_variable=True, sp_attn_implementation=attn_implementation
+    )
     training_args.parallelism_config = ParallelismConfig(sp_size=sp_size, sp_backend="deepspeed", sp_handler=handler)
     multiple = math.lcm(training_args.pad_to_multiple_of or 1, sp_size)
     if (training_args.use_cpu or not torch.cuda.is_available()) and training_args.max_length:

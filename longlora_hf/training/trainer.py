@@ -13,6 +13,7 @@ from ..model_card import write_model_card
 from ..tuner import longlora_config_of
 from .callback import LongLoraCallback
 
+
 logger = logging.getLogger(__name__)
 
 
@@ -35,8 +36,9 @@ class LongLoraSFTTrainer(trl.SFTTrainer):
         if self.is_fsdp_enabled:  # FSDP flattens each wrapped block into one dtype: leave TRL's uniform bfloat16
             if getattr(getattr(self.model, "config", None), "quantization_config", None) is not None:
                 logger.warning(
-                    "LongLoRA: QLoRA under FSDP trains the LoRA+ embedding and norms in bfloat16 (TRL's cast; FSDP needs "
-                    "one dtype per wrapped block): at small learning rates (the paper's 2e-5) their updates round away."
+                    "LongLoRA: QLoRA under FSDP trains the LoRA+ embedding and norms in bfloat16 (TRL's cast; FSDP "
+                    "needs one dtype per wrapped block): at small learning rates (the paper's 2e-5) their updates "
+                    "round away."
                 )
         else:
             keep_lora_plus_in_float32(self.model)
@@ -50,7 +52,9 @@ class LongLoraSFTTrainer(trl.SFTTrainer):
     def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, tags=None, **kwargs):
         if longlora_config_of(self.model) is None:  # not a LongLoRA model: TRL's card
             return super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags, **kwargs)
-        return self._write_card(self.args.output_dir, overwrite=True, model_name=model_name, dataset_name=dataset_name, tags=tags)
+        return self._write_card(
+            self.args.output_dir, overwrite=True, model_name=model_name, dataset_name=dataset_name, tags=tags
+        )
 
     def _write_card(self, directory: str, *, overwrite: bool, model_name=None, dataset_name=None, tags=None):
         """The LongLoRA card in `directory`, from the main process, with the data, steps and last evaluation."""
@@ -58,29 +62,40 @@ class LongLoraSFTTrainer(trl.SFTTrainer):
         if config is None or not self.is_world_process_zero():
             return None
         args = self.args
-        rows = len(self.train_dataset) if self.train_dataset is not None and hasattr(self.train_dataset, "__len__") else None
+        rows = (
+            len(self.train_dataset)
+            if self.train_dataset is not None and hasattr(self.train_dataset, "__len__")
+            else None
+        )
         data = dataset_name or (f"{rows:,} training rows (source not recorded)" if rows else None)
         steps = None
         if self.state.global_step:
             steps = (
-                f"{self.state.global_step} (per-device batch {args.per_device_train_batch_size}, gradient accumulation "
-                f"{args.gradient_accumulation_steps}, {args.world_size} process(es), lr {args.learning_rate:g}, "
-                f"max_length {getattr(args, 'max_length', None)})"
+                f"{self.state.global_step} (per-device batch {args.per_device_train_batch_size}, gradient "
+                f"accumulation {args.gradient_accumulation_steps}, {args.world_size} process(es), lr "
+                f"{args.learning_rate:g}, max_length {getattr(args, 'max_length', None)})"
             )
         evaluations = [entry for entry in self.state.log_history if "eval_loss" in entry]
         evaluation = None
         if evaluations:
             last = evaluations[-1]
             evaluation = (
-                f"Evaluation during training (dense attention, rows of up to {getattr(args, 'max_length', None)} tokens): "
-                f"loss {last['eval_loss']:.4f}, perplexity {math.exp(last['eval_loss']):.2f} at step {last.get('step')}."
+                f"Evaluation during training (dense attention, rows of up to {getattr(args, 'max_length', None)} "
+                f"tokens): loss {last['eval_loss']:.4f}, perplexity {math.exp(last['eval_loss']):.2f} at step "
+                f"{last.get('step')}."
             )
         extra_tags = [tags] if isinstance(tags, str) else list(tags or [])
         extra_tags += [*(getattr(self.model, "model_tags", None) or []), *self._tag_names]
         repo = self.hub_model_id or model_name
         return write_model_card(
-            directory, config, overwrite=overwrite, repo_or_path=repo or os.path.basename(os.path.abspath(args.output_dir)),
-            training_data=data, training_steps=steps, evaluation=evaluation, tags=extra_tags,
+            directory,
+            config,
+            overwrite=overwrite,
+            repo_or_path=repo or os.path.basename(os.path.abspath(args.output_dir)),
+            training_data=data,
+            training_steps=steps,
+            evaluation=evaluation,
+            tags=extra_tags,
         )
 
 
@@ -109,7 +124,11 @@ def keep_lora_plus_in_float32(model) -> list[str]:
                 if not parameter.requires_grad or parameter.dtype == torch.float32:
                     continue
                 original = originals.get(name)
-                if original is not None and original.dtype == torch.float32 and torch.equal(parameter.data, original.data.to(parameter.dtype)):
+                if (
+                    original is not None
+                    and original.dtype == torch.float32
+                    and torch.equal(parameter.data, original.data.to(parameter.dtype))
+                ):
                     parameter.data = original.data.detach().clone()
                 else:
                     parameter.data = parameter.data.float()

@@ -1,13 +1,11 @@
-"""`LongLoraConfig`, a PEFT tuner: LoRA+ (LoRA, trainable embeddings and norms) with S2-Attn and position interpolation."""
+"""`LongLoraConfig`, a PEFT tuner: LoRA+ (LoRA, trainable embeddings and norms) with S2-Attn and position
+interpolation."""
 
 from __future__ import annotations
 
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from peft.utils import PeftType, register_peft_method
 
-from .config import PEFT_TYPE, LongLoraConfig, longlora_config_of
-from .export import load_plain_lora, save_as_plain_lora
-from .model import ADAPTER_PREFIX, LongLoraModel, check_adapter_fits, check_adapter_weights, is_input_embedding, is_normalization, prepare_model_for_longlora
 from ..position_interpolation import (
     PositionInterpolation,
     apply_position_interpolation,
@@ -15,12 +13,28 @@ from ..position_interpolation import (
     describe_rope,
     plan_position_interpolation,
 )
+from .config import PEFT_TYPE, LongLoraConfig, longlora_config_of
+from .export import load_plain_lora, save_as_plain_lora
+from .model import (
+    ADAPTER_PREFIX,
+    LongLoraModel,
+    TiedModulesToSaveWrapper,
+    TiedOutputHead,
+    check_adapter_fits,
+    check_adapter_weights,
+    is_input_embedding,
+    is_normalization,
+    prepare_model_for_longlora,
+)
+
 
 __all__ = [
     "ADAPTER_PREFIX",
     "LongLoraConfig",
     "LongLoraModel",
     "PositionInterpolation",
+    "TiedModulesToSaveWrapper",
+    "TiedOutputHead",
     "apply_position_interpolation",
     "check_adapter_fits",
     "check_adapter_weights",

@@ -11,6 +11,7 @@ from ..attention import S2AttentionSettings, inner_attn_implementation_for, s2_f
 from ..model_card import write_model_card
 from ..position_interpolation import check_rope_type, check_target_context_length
 
+
 S2_SETTINGS_FIELDS = tuple(f.name for f in fields(S2AttentionSettings))
 """The S2-Attn settings, fields of LongLoraConfig too (defined once, in S2AttentionSettings)."""
 
@@ -66,7 +67,9 @@ class LongLoraConfig(LoraConfig):
     )
     use_s2_attn: bool = field(
         default=True,
-        metadata={"help": "Train with shifted sparse attention (attn_implementation='s2'). Inference is always dense."},
+        metadata={
+            "help": "Train with shifted sparse attention (attn_implementation='s2'). Inference is always dense."
+        },
     )
     group_size_ratio: float = s2_field("group_size_ratio")
     group_size: int | None = s2_field("group_size")
@@ -87,11 +90,15 @@ class LongLoraConfig(LoraConfig):
     )
     original_context_length: int | None = field(
         default=None,
-        metadata={"help": "Recorded by get_peft_model: the context the base model handled before (its current context)."},
+        metadata={
+            "help": "Recorded by get_peft_model: the context the base model handled before (its current context)."
+        },
     )
     position_interpolation_factor: float | None = field(
         default=None,
-        metadata={"help": "Recorded by get_peft_model: the extension s over the base model's own RoPE scheme (1.0: none)."},
+        metadata={
+            "help": "Recorded by get_peft_model: the extension s over the base model's own RoPE scheme (1.0: none)."
+        },
     )
     original_rope_parameters: dict | None = field(
         default=None,
@@ -100,8 +107,8 @@ class LongLoraConfig(LoraConfig):
     rope_parameters: dict | None = field(
         default=None,
         metadata={
-            "help": "Recorded by get_peft_model: the rope_parameters the adapter was trained with; loading the adapter "
-            "restores exactly these, and refuses a base whose RoPE is not the recorded original."
+            "help": "Recorded by get_peft_model: the rope_parameters the adapter was trained with; loading the "
+            "adapter restores exactly these, and refuses a base whose RoPE is not the recorded original."
         },
     )
 
@@ -123,7 +130,9 @@ class LongLoraConfig(LoraConfig):
         """The S2-Attn settings this config gives a model loaded with `model_attn_implementation` (an unset
         inner kernel follows it, as `get_peft_model` does)."""
         settings = {name: getattr(self, name) for name in S2_SETTINGS_FIELDS}
-        settings["inner_attn_implementation"] = self.inner_attn_implementation or inner_attn_implementation_for(model_attn_implementation)
+        settings["inner_attn_implementation"] = self.inner_attn_implementation or inner_attn_implementation_for(
+            model_attn_implementation
+        )
         return S2AttentionSettings(**settings)
 
 

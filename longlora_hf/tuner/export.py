@@ -9,8 +9,11 @@ from pathlib import Path
 
 from peft import LoraConfig, PeftConfig, PeftModel
 from peft.utils import PeftType, load_peft_weights, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
 
 from .config import LongLoraConfig
+from .model import tied_head_weights
+
 
 LONGLORA_ONLY_FIELDS = {f.name for f in fields(LongLoraConfig)} - {f.name for f in fields(LoraConfig)}
 
@@ -19,7 +22,8 @@ def save_as_plain_lora(model: PeftModel, out_dir: str | Path, adapter_name: str 
     """Write `out_dir` as a plain LoRA adapter (peft_type LORA) with the base-config change beside it.
 
     - `adapter_config.json`: a LoraConfig; the embedding and norm weights are its `modules_to_save`;
-    - `adapter_model.safetensors`: the same weights as the LongLoRA adapter;
+    - `adapter_model.safetensors`: the same weights as the LongLoRA adapter, and, for an output head tied to the
+      trained embedding, a copy of that embedding under the head's name (vanilla PEFT loads the head from it);
     - `config.json`: the base model's config with the position interpolation (rope_parameters,
       max_position_embeddings) and default attention. Load it without longlora_hf as
       `AutoModelForCausalLM.from_pretrained(base, config=AutoConfig.from_pretrained(out_dir))`, then
@@ -28,9 +32,17 @@ def save_as_plain_lora(model: PeftModel, out_dir: str | Path, adapter_name: str 
     out_dir = Path(out_dir)
     config = model.peft_config[adapter_name]
     if not isinstance(config, LongLoraConfig):
-        raise TypeError(f"save_as_plain_lora needs a LongLoRA adapter; adapter {adapter_name!r} is a {type(config).__name__}.")
+        raise TypeError(
+            f"save_as_plain_lora needs a LongLoRA adapter; adapter {adapter_name!r} is a {type(config).__name__}."
+        )
     model.save_pretrained(out_dir, selected_adapters=[adapter_name])
     adapter_dir = out_dir if adapter_name == "default" else out_dir / adapter_name
+    tied = tied_head_weights(model, adapter_name)
+    if tied:
+        weights_path = adapter_dir / "adapter_model.safetensors"
+        weights = load_file(weights_path)
+        weights.update({name: tensor.detach().to("cpu", copy=True).contiguous() for name, tensor in tied.items()})
+        save_file(weights, weights_path, metadata={"format": "pt"})
     config_path = adapter_dir / "adapter_config.json"
     adapter_config = json.loads(config_path.read_text())
     for key in LONGLORA_ONLY_FIELDS:
@@ -57,7 +69,9 @@ def load_plain_lora(model: PeftModel, model_id: str | Path, adapter_name: str, i
     the positions the model has (those of its LongLoRA twin, when loaded next to it)."""
     peft_type = PeftConfig._get_peft_type(str(model_id))
     if peft_type != PeftType.LORA:
-        raise ValueError(f"{model_id}: load_plain_lora loads LoRA adapters; this one is {peft_type}. Use model.load_adapter.")
+        raise ValueError(
+            f"{model_id}: load_plain_lora loads LoRA adapters; this one is {peft_type}. Use model.load_adapter."
+        )
     lora = LoraConfig.from_pretrained(str(model_id))
     shared = {f.name: getattr(lora, f.name) for f in fields(LoraConfig) if f.init and f.name != "peft_type"}
     config = LongLoraConfig(

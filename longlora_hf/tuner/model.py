@@ -10,12 +10,17 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraModel
-from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
+from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper, _set_trainable
 from torch import nn
 
-from ..attention import S2_ATTN_IMPLEMENTATION, S2AttentionSettings, check_group_size, check_s2_compatible, use_s2_attention
+from ..attention import (
+    S2_ATTN_IMPLEMENTATION,
+    S2AttentionSettings,
+    check_group_size,
+    check_s2_compatible,
+    use_s2_attention,
+)
 from ..attention.settings import CONFIG_ATTRIBUTE
-from .config import S2_SETTINGS_FIELDS, LongLoraConfig
 from ..position_interpolation import (
     describe_rope,
     legacy_rope_parameters,
@@ -23,13 +28,15 @@ from ..position_interpolation import (
     rope_parameters_of,
     set_rope_parameters,
 )
+from .config import S2_SETTINGS_FIELDS, LongLoraConfig
 
 
 def attention_projection_names(model: nn.Module) -> list[str]:
     """Leaf names of the linear layers directly inside the attention modules (q/k/v/o, fused qkv, dense...).
 
     Attention modules are found by their class (`...Attention`), not by a list of names, so fused and
-    unusual layouts are covered.
+    unusual layouts are covered. A subclass of nn.Linear with a forward of its own (DeepSeek-V4's block-diagonal
+    `o_a_proj`) is left out: LoRA adds x A^T B^T to x W^T, which is not what such a layer computes.
     """
     names = set()
     for module in model.modules():
@@ -37,7 +44,7 @@ def attention_projection_names(model: nn.Module) -> list[str]:
             continue
         # `base_layer`: a projection that already carries another adapter (`load_adapter`)
         names.update(
-            name for name, child in module.named_children() if isinstance(getattr(child, "base_layer", child), nn.Linear)
+            name for name, child in module.named_children() if _plain_linear(getattr(child, "base_layer", child))
         )
     if not names:
         attention_like = {
@@ -45,7 +52,9 @@ def attention_projection_names(model: nn.Module) -> list[str]:
             for m in model.modules()
             if m is not model and any(word in type(m).__name__.lower() for word in ("attn", "attention"))
         }
-        found = "; ".join(f"{name} (holds {', '.join(kinds) or 'nothing'})" for name, kinds in sorted(attention_like.items()))
+        found = "; ".join(
+            f"{name} (holds {', '.join(kinds) or 'nothing'})" for name, kinds in sorted(attention_like.items())
+        )
         linear = sorted({name.rpartition(".")[2] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
         raise ValueError(
             f"Found no attention projections in {type(model).__name__}: no module class ending in 'Attention' "
@@ -53,6 +62,34 @@ def attention_projection_names(model: nn.Module) -> list[str]:
             "Pass target_modules=[...] naming the attention projections."
         )
     return sorted(names)
+
+
+def _plain_linear(module: nn.Module) -> bool:
+    """An nn.Linear that computes x W^T + b, the layer LoRA adapts. A subclass a transformers model defines with
+    a forward of its own is probed on one random row (Falcon's `FalconLinear` is a plain product written out;
+    DeepSeek-V4's `DeepseekV4GroupedLinear` is block-diagonal over groups of the input). Quantized layers
+    (bitsandbytes' Linear4bit) are nn.Linear subclasses too and are left to PEFT, which adapts them."""
+    if not isinstance(module, nn.Linear):
+        return False
+    if type(module).forward is nn.Linear.forward or not type(module).__module__.startswith("transformers.models."):
+        return True
+    weight = module.weight
+    if weight.is_meta:
+        return True
+    row = torch.randn(
+        1,
+        module.in_features,
+        dtype=weight.dtype,
+        device=weight.device,
+        generator=torch.Generator(device=weight.device).manual_seed(0),
+    )
+    try:
+        with torch.no_grad():
+            got = module(row)
+    except (RuntimeError, ValueError):
+        return False
+    expected = nn.functional.linear(row, weight, module.bias)
+    return got.shape == expected.shape and bool(torch.allclose(got, expected, rtol=1e-3, atol=1e-3))
 
 
 def _unwrapped(module: nn.Module) -> nn.Module:
@@ -123,7 +160,7 @@ class BaseModelState:
     """`config.s2_attention` of the model's config and of its text config (None: absent)."""
 
     @classmethod
-    def of(cls, model: nn.Module) -> "BaseModelState":
+    def of(cls, model: nn.Module) -> BaseModelState:
         text_config = model.config.get_text_config()
         return cls(
             model.config._attn_implementation,
@@ -158,6 +195,66 @@ class BaseModelState:
             model.set_attn_implementation(self.attn_implementation)
 
 
+class TiedOutputHead(nn.Module):
+    """An adapter's output head tied to its trained input embedding: `x @ embedding.weight.T`, with no weight of
+    its own. It reads the embedding's weight at each call, so the tie holds whatever replaces that parameter (a
+    loader that assigns tensors: transformers' `load_adapter`, PEFT's `low_cpu_mem_usage=True`), and the adapter
+    saves and loads the weight once, under the embedding's name."""
+
+    def __init__(self, embedding: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "embedding", embedding)  # not a submodule: its weight is saved under its own name
+        self.register_parameter("bias", None)  # what nn.Linear(bias=False) has; read by fused heads (TRL's)
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.embedding.weight
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(hidden_states, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias=False, tied to the embedding"
+
+
+class TiedModulesToSaveWrapper(ModulesToSaveWrapper):
+    """`modules_to_save` of a module tied to the input embedding (a tied model's output head, `lm_head`) whose
+    copy for an adapter is a `TiedOutputHead` of that adapter's trained embedding: nothing of it is saved (the
+    adapter file holds the shared weight once, as `embed_tokens.weight`) and nothing is loaded into it.
+
+    PEFT 0.21's `ensure_weight_tying` wraps the head in a plain `ModulesToSaveWrapper` whose copy shares the
+    embedding copy's parameter: saved a second time (`lm_head.weight`, doubling the file of a vocabulary-dominated
+    model), needed to load, and untied by any loader that assigns parameters. PEFT ties trainable tokens by
+    reference the same way (`TrainableTokensWrapper` with a `tied_adapter`, which saves nothing either)."""
+
+    def update(self, adapter_name, tied_module=None, **kwargs):
+        if tied_module is not None and adapter_name not in self.modules_to_save:
+            self.modules_to_save[adapter_name] = TiedOutputHead(tied_module)
+        super().update(adapter_name, tied_module=tied_module, **kwargs)
+
+    def is_tied(self, adapter_name: str) -> bool:
+        """Whether `adapter_name`'s copy is a `TiedOutputHead` (not one the adapter trains on its own)."""
+        return adapter_name in self.modules_to_save and isinstance(self.modules_to_save[adapter_name], TiedOutputHead)
+
+    def unload_and_optionally_merge_module(self, merge, safe_merge, adapter_names) -> nn.Module:
+        """The unloaded head: for a tied adapter a `nn.Linear` sharing the trained embedding's parameter, so the
+        merged model is tied as the base was."""
+        module = super().unload_and_optionally_merge_module(merge, safe_merge, adapter_names)
+        if isinstance(module, TiedOutputHead):
+            linear = nn.Linear(module.in_features, module.out_features, bias=False, device="meta")
+            linear.weight = module.weight
+            return linear
+        return module
+
+
 class LongLoraModel(LoraModel):
     """The PEFT tuner behind `LongLoraConfig`: LoRA's machinery, with LongLoRA's model changes first.
 
@@ -173,7 +270,20 @@ class LongLoraModel(LoraModel):
         if getattr(self, "base_state", None) is None:
             self.base_state = BaseModelState.of(model)
         prepare_model_for_longlora(model, self.peft_config[adapter_name], self.base_state)
+        self._modules_to_tie = None
         super().inject_adapter(model, adapter_name, **kwargs)
+        if self._modules_to_tie:
+            # Set aside by `_add_modules_to_save_to_tie`: wrapped as PEFT would, by a wrapper that saves them once.
+            _set_trainable(
+                model,
+                adapter_name,
+                module_names=self._modules_to_tie,
+                inference_mode=self.peft_config[adapter_name].inference_mode,
+                wrapper_cls=TiedModulesToSaveWrapper,
+                activate_adapter=adapter_name in self.active_adapters,
+                tied_module=model.get_input_embeddings().modules_to_save[adapter_name],
+            )
+            self._modules_to_tie = None
         active = self.active_adapters[0] if len(self.active_adapters) == 1 else None
         if active not in (None, adapter_name) and isinstance(self.peft_config.get(active), LongLoraConfig):
             apply_attention(model, self.peft_config[active])  # an added adapter is not active: keep the active one's
@@ -189,10 +299,9 @@ class LongLoraModel(LoraModel):
     def _enable_peft_forward_hooks(self, *args, **kwargs):
         adapter_names = kwargs.get("adapter_names")
         if adapter_names is not None and not self.training:
-            norms = sorted({
-                name for name in adapter_names
-                if getattr(self.peft_config.get(name), "trainable_norms", False)
-            })
+            norms = sorted(
+                {name for name in adapter_names if getattr(self.peft_config.get(name), "trainable_norms", False)}
+            )
             if norms:
                 raise ValueError(
                     f"A batch that mixes adapters (adapter_names) cannot run LongLoRA adapters that train the "
@@ -203,7 +312,9 @@ class LongLoraModel(LoraModel):
         with super()._enable_peft_forward_hooks(*args, **kwargs):
             yield
 
-    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str, *args, **kwargs) -> None:
+    def add_weighted_adapter(
+        self, adapters: list[str], weights: list[float], adapter_name: str, *args, **kwargs
+    ) -> None:
         """PEFT's weighted combination of LoRA adapters, for LongLoRA adapters without LoRA+ modules (the trained
         embeddings and norms are whole weights, which PEFT's combinations do not weigh)."""
         lora_plus = [name for name in adapters if getattr(self.peft_config.get(name), "modules_to_save", None)]
@@ -215,6 +326,33 @@ class LongLoraModel(LoraModel):
                 "one at a time into the base (merge_and_unload) instead."
             )
         super().add_weighted_adapter(adapters, weights, adapter_name, *args, **kwargs)
+
+    def _add_modules_to_save_to_tie(self, peft_config, tied_weight_keys) -> None:
+        """PEFT's choice of the modules tied to a trained input embedding (`ensure_weight_tying`), wrapped by
+        `inject_adapter` in `TiedModulesToSaveWrapper` (saved once, under the embedding's name) instead of PEFT's
+        `ModulesToSaveWrapper` (saved twice). A module some other adapter already trains on its own (a plain
+        wrapper) is left to PEFT."""
+        super()._add_modules_to_save_to_tie(peft_config, tied_weight_keys)
+        modules = dict(self.model.named_modules())
+        names = sorted(peft_config.modules_to_tie or ())
+        plain = [
+            name
+            for name in names
+            if isinstance(modules.get(name), AuxiliaryTrainingWrapper)
+            and not isinstance(modules[name], TiedModulesToSaveWrapper)
+        ]
+        if names and not plain:
+            self._modules_to_tie, peft_config.modules_to_tie = names, None
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """PEFT's key mapping, less the copy of a tied module that adapters saved before `TiedModulesToSaveWrapper`
+        (`lm_head.weight` beside `embed_tokens.weight`): the tied copy is the embedding's, loaded under its name."""
+        for name, module in model.named_modules():
+            if isinstance(module, TiedModulesToSaveWrapper) and module.is_tied(adapter_name):
+                for saved in (f"{name}.weight", f"{ADAPTER_PREFIX}{name}.weight"):
+                    state_dict.pop(saved, None)
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
 
     def _get_module_names_tied_with_embedding(self) -> list[str]:
         names = super()._get_module_names_tied_with_embedding()
@@ -228,10 +366,13 @@ class LongLoraModel(LoraModel):
             return []
         embedding_name = next(name for name, module in self.model.named_modules() if module is embedding)
         tied = getattr(self.model, "_tied_weights_keys", None)
-        return sorted({
-            target.rpartition(".")[0] for target, source in (tied if isinstance(tied, dict) else {}).items()
-            if source == f"{embedding_name}.weight"
-        })
+        return sorted(
+            {
+                target.rpartition(".")[0]
+                for target, source in (tied if isinstance(tied, dict) else {}).items()
+                if source == f"{embedding_name}.weight"
+            }
+        )
 
     def merge_and_unload(self, *args, **kwargs) -> torch.nn.Module:
         """Merge LoRA and the LoRA+ modules into a plain transformers model with dense attention, keeping the
@@ -239,7 +380,10 @@ class LongLoraModel(LoraModel):
         model = super().merge_and_unload(*args, **kwargs)
         if model.config._attn_implementation == S2_ATTN_IMPLEMENTATION:
             leave_s2_attention(model)
-        for config in {id(model.config): model.config, id(model.config.get_text_config()): model.config.get_text_config()}.values():
+        for config in {
+            id(model.config): model.config,
+            id(model.config.get_text_config()): model.config.get_text_config(),
+        }.values():
             if hasattr(config, CONFIG_ATTRIBUTE):
                 del config.s2_attention
         return model
@@ -252,7 +396,11 @@ class LongLoraModel(LoraModel):
         for name, module in list(self.model.named_modules()):
             if isinstance(module, ModulesToSaveWrapper):
                 parent_name, _, attribute = name.rpartition(".")
-                setattr(self.model.get_submodule(parent_name) if parent_name else self.model, attribute, module.original_module)
+                setattr(
+                    self.model.get_submodule(parent_name) if parent_name else self.model,
+                    attribute,
+                    module.original_module,
+                )
         model = super().unload()
         self.base_state.restore(model)
         return model
@@ -276,6 +424,17 @@ class LongLoraModel(LoraModel):
         if getattr(self, "_adapter_state", None) is not None:
             state, self._adapter_state = self._adapter_state, None
             state.restore(self.model)
+
+
+def tied_head_weights(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """What PEFT's own `ModulesToSaveWrapper` would save of `adapter_name`'s output heads tied to its embedding
+    (`TiedModulesToSaveWrapper`), which a LongLoRA adapter leaves out: `{"base_model.model.lm_head.weight": the
+    trained embedding}`, keyed as in `model.save_pretrained`. Vanilla PEFT needs them to load the adapter."""
+    return {
+        f"{name}.weight": module.modules_to_save[adapter_name].weight
+        for name, module in model.named_modules()
+        if isinstance(module, TiedModulesToSaveWrapper) and module.is_tied(adapter_name)
+    }
 
 
 def leave_s2_attention(model: nn.Module) -> None:
@@ -306,7 +465,9 @@ def prepare_model_for_longlora(model: nn.Module, config: LongLoraConfig, base: B
         check_s2_compatible(model)  # before anything changes the model
         if config.target_context_length is not None:  # the length it trains for: groups under 2 tokens refused now
             settings = config.s2_attention_settings()
-            check_group_size(config.target_context_length, settings.group_size_for(config.target_context_length), settings)
+            check_group_size(
+                config.target_context_length, settings.group_size_for(config.target_context_length), settings
+            )
     if config.target_modules is None:
         config.target_modules = set(attention_projection_names(model))
     trainable = lora_plus_module_names(model, config.trainable_embeddings, config.trainable_norms)
@@ -344,7 +505,10 @@ def extend_positions(model: nn.Module, config: LongLoraConfig, base: BaseModelSt
             set_rope_parameters(model, *legacy)
         return
     plan = plan_position_interpolation(base.config(model), config.target_context_length, config.rope_type)
-    if config.original_rope_parameters is not None and plan.original_rope_parameters != config.original_rope_parameters:
+    if (
+        config.original_rope_parameters is not None
+        and plan.original_rope_parameters != config.original_rope_parameters
+    ):
         raise ValueError(
             f"This adapter was trained over RoPE {describe_rope(config.original_rope_parameters)} extended to "
             f"{describe_rope(config.rope_parameters)}, but the base model has {describe_rope(base.rope_parameters)}. "
@@ -431,15 +595,16 @@ def check_adapter_fits(model: nn.Module, adapter: str | Path, flag: str = "--ada
             return
         saved = {name.removeprefix(ADAPTER_PREFIX).partition(".lora_")[0] for name in shapes if ".lora_" in name}
         targeted = [
-            name for name, module in model.named_modules()
+            name
+            for name, module in model.named_modules()
             if isinstance(module, nn.Linear) and check_target_module_exists(config, name)
         ]
         missing = [name for name in targeted if name not in saved]
         if saved and missing:
             raise ValueError(
-                f"the adapter has no LoRA weights for {len(missing)} of the {len(targeted)} linear layers of {where} that its "
-                f"target_modules name (first: {missing[0]}): it was made for a model with fewer layers. Use the base "
-                "it was trained on."
+                f"the adapter has no LoRA weights for {len(missing)} of the {len(targeted)} linear layers of {where} "
+                f"that its target_modules name (first: {missing[0]}): it was made for a model with fewer layers. Use "
+                "the base it was trained on."
             )
     except ValueError as error:
         raise ValueError(f"{flag} {adapter}: {error}") from None

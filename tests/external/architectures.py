@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -28,11 +29,12 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING  # noqa: E402
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for s2_reference when run as a script
-from s2_reference import s2_reference_mask  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for s2_reference when run as a script
 import longlora_hf  # noqa: E402  (registers "s2")
 from longlora_hf.attention import use_s2_attention  # noqa: E402
+from s2_reference import s2_reference_mask  # noqa: E402
+
 
 LONGLORA_HF = str(Path(longlora_hf.__file__).resolve().parent)
 
@@ -83,8 +85,10 @@ def enumerate_architectures() -> tuple[dict[str, Architecture], dict[str, str]]:
     architectures, left_out, seen = {}, {}, {}
     # A duplicate keeps the name of the model type its config class is named for (`gpt2`, not `gpt-sw3`;
     # `llama4_text`, not `llama4`).
-    order = sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, key=lambda t: (
-        _declares_text_config(CONFIG_MAPPING[t]), CONFIG_MAPPING[t].model_type != t))
+    order = sorted(
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        key=lambda t: (_declares_text_config(CONFIG_MAPPING[t]), CONFIG_MAPPING[t].model_type != t),
+    )
     for model_type in order:
         model_class = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
         if not getattr(model_class, "_supports_attention_backend", False):
@@ -112,12 +116,29 @@ def enumerate_architectures() -> tuple[dict[str, Architecture], dict[str, str]]:
 # Widths: 4 query heads of 8 (two halves of 2 heads), 2 key/value heads (GQA), 8 experts of which 2 routed.
 SIZES = {
     **dict.fromkeys(("hidden_size", "n_embd", "d_model", "dim_model_base"), 32),
-    **dict.fromkeys(("intermediate_size", "n_inner", "ffn_dim", "dff", "ffn_hidden_size", "intermediate_size_mlp",
-                     "dense_intermediate_size"), 64),
-    **dict.fromkeys(("moe_intermediate_size", "shared_expert_intermediate_size", "shared_intermediate_size",
-                     "shared_experts_intermediate_size", "expert_ffn_hidden_size"), 16),
-    **dict.fromkeys(("num_attention_heads", "n_head", "n_heads", "num_attention_heads_per_layer", "index_n_heads"),
-                    4),
+    **dict.fromkeys(
+        (
+            "intermediate_size",
+            "n_inner",
+            "ffn_dim",
+            "dff",
+            "ffn_hidden_size",
+            "intermediate_size_mlp",
+            "dense_intermediate_size",
+        ),
+        64,
+    ),
+    **dict.fromkeys(
+        (
+            "moe_intermediate_size",
+            "shared_expert_intermediate_size",
+            "shared_intermediate_size",
+            "shared_experts_intermediate_size",
+            "expert_ffn_hidden_size",
+        ),
+        16,
+    ),
+    **dict.fromkeys(("num_attention_heads", "n_head", "n_heads", "num_attention_heads_per_layer", "index_n_heads"), 4),
     **dict.fromkeys(("num_key_value_heads",), 2),
     **dict.fromkeys(("head_dim", "qk_head_dim", "kv_channels", "v_head_dim", "qk_nope_head_dim", "index_head_dim"), 8),
     **dict.fromkeys(("qk_rope_head_dim", "rotary_dim"), 4),
@@ -141,8 +162,15 @@ SIZES = {
     "attention_chunk_size": 12,
 }
 # Counts that switch a feature on when positive: kept positive, at 1.
-AT_MOST_ONE = ("n_shared_experts", "num_shared_experts", "moe_num_shared_experts", "first_k_dense_replace",
-               "num_dense_layers", "num_nextn_predict_layers", "num_kv_shared_layers")
+AT_MOST_ONE = (
+    "n_shared_experts",
+    "num_shared_experts",
+    "moe_num_shared_experts",
+    "first_k_dense_replace",
+    "num_dense_layers",
+    "num_nextn_predict_layers",
+    "num_kv_shared_layers",
+)
 LAYER_COUNTS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 TOKEN_IDS = {"pad_token_id": 1, "bos_token_id": 2, "eos_token_id": 3}
 STOCHASTIC = re.compile(r"(dropout|_pdrop|jitter|layerdrop|drop_path)")
@@ -233,16 +261,31 @@ DEFAULT_FIXES: dict[str, dict] = {
 # Per-architecture settings of the tiny model that the generic shrinking cannot derive, each with the reason.
 TINY_OVERRIDES: dict[str, dict] = {
     # DBRX keeps its attention and expert sizes in sub-configs.
-    "dbrx": dict(attn_config=dict(kv_n_heads=2, rope_theta=500000.0, clip_qkv=8.0),
-                 ffn_config=dict(hidden_size=32, ffn_hidden_size=64, moe_num_experts=8, moe_top_k=2)),
+    "dbrx": dict(
+        attn_config=dict(kv_n_heads=2, rope_theta=500000.0, clip_qkv=8.0),
+        ffn_config=dict(hidden_size=32, ffn_hidden_size=64, moe_num_experts=8, moe_top_k=2),
+    ),
     # Its validator requires as many key/value heads as query heads; its sliding layers take their sizes from
     # `swa_*` keys (per-layer configs), whose defaults are full size.
-    "dots3_note_text": dict(num_key_value_heads=4, swa_num_attention_heads=4, swa_num_key_value_heads=4,
-                            swa_q_lora_rank=24, swa_kv_lora_rank=16, swa_head_dim=12, swa_qk_nope_head_dim=8,
-                            swa_v_head_dim=8),
+    "dots3_note_text": dict(
+        num_key_value_heads=4,
+        swa_num_attention_heads=4,
+        swa_num_key_value_heads=4,
+        swa_q_lora_rank=24,
+        swa_kv_lora_rank=16,
+        swa_head_dim=12,
+        swa_qk_nope_head_dim=8,
+        swa_v_head_dim=8,
+    ),
     # The default has Mamba layers only; one attention layer is what S2 trains. Mamba heads must tile 2 x hidden.
-    "granitemoehybrid": dict(layer_types=["linear_attention", "attention"], num_hidden_layers=2, mamba_n_heads=4,
-                             mamba_d_head=16, mamba_d_state=16, mamba_chunk_size=16),
+    "granitemoehybrid": dict(
+        layer_types=["linear_attention", "attention"],
+        num_hidden_layers=2,
+        mamba_n_heads=4,
+        mamba_d_head=16,
+        mamba_d_state=16,
+        mamba_chunk_size=16,
+    ),
     # Its layers repeat block_types (recurrent, recurrent, attention): 2 layers would hold no attention layer.
     "recurrent_gemma": dict(num_hidden_layers=3),
     # ZAYA routes each token to one expert only.
@@ -265,8 +308,11 @@ def default_config(arch: Architecture):
 
 
 def tiny_config(arch: Architecture):
-    kwargs = {**DEFAULT_FIXES.get(arch.model_type, {}), **tiny_config_kwargs(default_config(arch)),
-              **TINY_OVERRIDES.get(arch.model_type, {})}
+    kwargs = {
+        **DEFAULT_FIXES.get(arch.model_type, {}),
+        **tiny_config_kwargs(default_config(arch)),
+        **TINY_OVERRIDES.get(arch.model_type, {}),
+    }
     return arch.config_class(**kwargs, experts_implementation="eager")  # grouped_mm has no float64 on the CPU
 
 
@@ -308,8 +354,9 @@ def _reference_mask(*args, **kwargs):
     return sdpa_mask(*args, **{**kwargs, "allow_is_causal_skip": False, "allow_is_bidirectional_skip": False})
 
 
-def _reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
-                         **kwargs):
+def _reference_attention(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None, **kwargs
+):
     """The model's own eager attention under its own mask intersected with the S2 partition of the reference.
 
     The partition comes from `s2_reference_mask` (shares no code with longlora_hf), the rest is the model's: its
@@ -318,21 +365,24 @@ def _reference_attention(module, query, key, value, attention_mask, scaling=None
     eager = sys.modules[type(module).__module__].eager_attention_forward
     _reference_calls.append(type(module).__name__)
     _, attention_mask_2d = inputs()
-    own = None if attention_mask is None else attention_mask[..., -key.shape[-2]:].bool()
+    own = None if attention_mask is None else attention_mask[..., -key.shape[-2] :].bool()
     if query.shape[-2] != key.shape[-2] or _layer_type(module) in OWN_ATTENTION_LAYER_TYPES:
         allowed = own  # the call stays dense (see OWN_ATTENTION_LAYER_TYPES)
     else:
-        partition = s2_reference_mask(attention_mask_2d.bool(), query.shape[1], group_size_ratio=GROUP_SIZE_RATIO,
-                                      sliding_window=sliding_window)
+        partition = s2_reference_mask(
+            attention_mask_2d.bool(), query.shape[1], group_size_ratio=GROUP_SIZE_RATIO, sliding_window=sliding_window
+        )
         allowed = partition if own is None else partition & own
     if allowed is None:
-        return eager(module, query, key, value, None, scaling=scaling, dropout=0.0, sliding_window=sliding_window,
-                     **kwargs)
+        return eager(
+            module, query, key, value, None, scaling=scaling, dropout=0.0, sliding_window=sliding_window, **kwargs
+        )
     # Many eager functions take their softmax in float32: a float64 minimum would become -inf there, and a fully
     # masked (padding) row NaN, which the next layer's values would carry into the real tokens.
     additive = torch.zeros(allowed.shape, dtype=query.dtype).masked_fill(~allowed, torch.finfo(torch.float32).min)
-    return eager(module, query, key, value, additive, scaling=scaling, dropout=0.0, sliding_window=sliding_window,
-                 **kwargs)
+    return eager(
+        module, query, key, value, additive, scaling=scaling, dropout=0.0, sliding_window=sliding_window, **kwargs
+    )
 
 
 def register_reference() -> None:
@@ -347,9 +397,9 @@ REFUSALS = {
     "odd number of attention heads": r"S2-Attn splits the attention heads into two halves, so their number must be",
     "non-causal (an encoder)": r"S2-Attn is for causal language models .* is non-causal",
     "attention logit soft-capping": r"S2-Attn does not support attention logit soft-capping"
-                                    r"|S2-Attn does not implement the attention argument softcap=",
+    r"|S2-Attn does not implement the attention argument softcap=",
     "sparse-attention indexer": r"chooses the keys each query attends to with its own indexer"
-                                r"|uses the attention mask as a tensor inside its layers",
+    r"|uses the attention mask as a tensor inside its layers",
     "no attention backend": r"does not dispatch attention through transformers' AttentionInterface",
     "no attention projections for LoRA": r"Found no attention projections in",
     "an attention argument S2 does not implement": r"S2-Attn does not implement the attention argument",
@@ -363,6 +413,7 @@ class Outcome:
     model_type: str
     status: str = WRONG  # EXACT, REFUSED, WRONG (silently wrong, or an error that is no clear refusal), CANNOT_RUN
     reason: str = ""
+    message: str = ""  # a refusal's own words, with its advice
     train_diff: float | None = None  # S2 against the reference, training, real tokens
     dense_diff: float | None = None  # dense training against the reference: what a wrong partition would cost
     eval_diff: float | None = None  # S2 against the dense backend, evaluation
@@ -370,8 +421,10 @@ class Outcome:
 
     def __str__(self) -> str:
         if self.status == EXACT:
-            return (f"{EXACT} (training off by {self.train_diff:.0e}; "
-                    f"a wrong partition would be off by {self.dense_diff:.0e})")
+            return (
+                f"{EXACT} (training off by {self.train_diff:.0e}; "
+                f"a wrong partition would be off by {self.dense_diff:.0e})"
+            )
         return f"{self.status}: {self.reason}"
 
 
@@ -468,8 +521,9 @@ def _outcome(arch: Architecture) -> Outcome:
     lora_refused = None
     try:
         try:
-            model = get_peft_model(model, longlora_hf.LongLoraConfig(group_size_ratio=GROUP_SIZE_RATIO,
-                                                                      init_lora_weights=False))  # LoRA B nonzero
+            model = get_peft_model(
+                model, longlora_hf.LongLoraConfig(group_size_ratio=GROUP_SIZE_RATIO, init_lora_weights=False)
+            )  # LoRA B nonzero
         except ValueError as error:
             lora_refused = refusal_reason(error)
             if lora_refused != "no attention projections for LoRA":
@@ -504,7 +558,7 @@ def _outcome(arch: Architecture) -> Outcome:
     except Exception as error:  # noqa: BLE001 - a refusal, or an error that is itself the finding
         reason = refusal_reason(error)
         if reason is not None:
-            return dataclasses.replace(result, status=REFUSED, reason=reason)
+            return dataclasses.replace(result, status=REFUSED, reason=reason, message=str(error))
         result.reason = f"{step} fails, with no clear refusal: {_describe(error)}"
         return result
     scale = max(1.0, expected.abs().max().item())  # the reference's softmax is float32 where the model's eager is
@@ -537,27 +591,57 @@ def _outcome(arch: Architecture) -> Outcome:
     return dataclasses.replace(result, status=EXACT)
 
 
+def train_without_s2(arch: Architecture) -> torch.Tensor:
+    """The way out every S2 refusal names: LongLoRA with `use_s2_attn=False`, one training step on the batch's
+    unpadded row (Gemma 2's own eager attention gives NaN on a left-padded row); the gradient of the first LoRA
+    factor that gets one."""
+    from peft import get_peft_model
+
+    with one_thread():
+        model = get_peft_model(
+            tiny_model(arch), longlora_hf.LongLoraConfig(use_s2_attn=False, init_lora_weights=False)
+        )
+        model.train()
+        ids = inputs()[0][:1]
+        model(input_ids=ids, labels=ids).loss.backward()
+        return next(p.grad for n, p in model.named_parameters() if "lora_" in n and p.grad is not None)
+
+
+def train_plain(arch: Architecture) -> None:
+    """The tiny model's own training step, without LongLoRA, on the row `train_without_s2` uses."""
+    with one_thread():
+        model = tiny_model(arch).train()
+        ids = inputs()[0][:1]
+        model(input_ids=ids, labels=ids).loss.backward()
+
+
 def outcomes(model_types=None) -> dict[str, Outcome]:
     architectures, _ = enumerate_architectures()
     return {t: outcome(architectures[t]) for t in (model_types or architectures)}
 
 
 def summary(results: dict[str, Outcome] | None = None) -> str:
-    """"N of M architectures train with S2 exactly, K refused (why)...", for the README."""
+    """ "N of M architectures train with S2 exactly, K refused (why)...", for the README."""
     results = outcomes() if results is None else results
     by_status = Counter(o.status for o in results.values())
     reasons = Counter(o.reason for o in results.values() if o.status == REFUSED)
     _, left_out = enumerate_architectures()
     rules = Counter(re.sub(r"( as |: ).*", "", reason) for reason in left_out.values())
-    return "\n".join([
-        f"{by_status[EXACT]} of {len(results)} architectures train with S2 exactly, {by_status[REFUSED]} refused"
-        + (f" ({'; '.join(f'{reason}: {n}' for reason, n in reasons.most_common())})" if reasons else "")
-        + f", {by_status[WRONG]} wrong or failing without a clear refusal, {by_status[CANNOT_RUN]} cannot run tiny.",
-        f"Enumerated from transformers {transformers.__version__}: "
-        f"{len(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)} model types "
-        f"in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, {len(results)} tested, {len(left_out)} left out by rule ("
-        + "; ".join(f"{rule}: {n}" for rule, n in rules.most_common()) + ").",
-    ])
+    return "\n".join(
+        [
+            f"{by_status[EXACT]} of {len(results)} architectures train with S2 exactly, {by_status[REFUSED]} refused"
+            + (f" ({'; '.join(f'{reason}: {n}' for reason, n in reasons.most_common())})" if reasons else "")
+            + (
+                f", {by_status[WRONG]} wrong or failing without a clear refusal, "
+                f"{by_status[CANNOT_RUN]} cannot run tiny."
+            ),
+            f"Enumerated from transformers {transformers.__version__}: "
+            f"{len(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)} model types "
+            f"in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, {len(results)} tested, {len(left_out)} left out by rule ("
+            + "; ".join(f"{rule}: {n}" for rule, n in rules.most_common())
+            + ").",
+        ]
+    )
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from pathlib import Path
 import peft
 import pytest
 
+
 DOWNLOAD_TIMEOUT_S = 600
 HARNESS_MODULES = ("testing_utils", "testing_common", "test_decoder_models")
 """The modules of PEFT's tests/ used here, in import order."""
@@ -89,13 +90,24 @@ def peft_harness_tests_dir(version: str = peft.__version__, root: Path | None = 
 
 def _download_sdist(version: str, into: Path) -> Path:
     command = [
-        sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "--disable-pip-version-check",
-        f"peft=={version}", "-d", str(into),
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-binary",
+        ":all:",
+        "--no-deps",
+        "--disable-pip-version-check",
+        f"peft=={version}",
+        "-d",
+        str(into),
     ]
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=DOWNLOAD_TIMEOUT_S)
     except (OSError, subprocess.TimeoutExpired) as error:
-        raise PeftHarnessUnavailable(f"could not download the peft=={version} sdist ({' '.join(command)}): {error}")
+        raise PeftHarnessUnavailable(
+            f"could not download the peft=={version} sdist ({' '.join(command)}): {error}"
+        ) from error
     sdists = sorted(into.glob("peft-*.tar.gz"))
     if result.returncode != 0 or not sdists:
         output = (result.stderr or result.stdout).strip().splitlines()[-15:]

@@ -36,11 +36,12 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 import transformers
-from helpers import COMMON, tiny_model
 from peft import LoraConfig, get_peft_model
+
+from helpers import COMMON, tiny_model
+from longlora_hf import LongLoraConfig
 from peft_harness import PeftHarness, PeftHarnessUnavailable, import_peft_harness
 
-from longlora_hf import LongLoraConfig
 
 SHARED_OVERRIDES = dict(pad_token_id=0, hidden_size=64, intermediate_size=128, head_dim=16)
 """Two things the harness needs of the tiny models: its inputs are token ids 1 and 2, so the pad id (whose embedding

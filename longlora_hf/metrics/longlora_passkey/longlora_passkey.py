@@ -5,6 +5,7 @@ import evaluate
 
 from longlora_hf.metrics.passkey import passkey_retrieval
 
+
 _DESCRIPTION = """Passkey retrieval (Landmark Attention, LongLoRA): a random 5-digit key hidden at a chosen depth of
 filler text; the model must recall it by greedy decoding. Accuracy by context length and depth."""
 
