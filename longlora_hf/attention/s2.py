@@ -648,23 +648,11 @@ def s2_attention_forward(
     # Otherwise `s2_mask` makes an S2Mask only for a forward started with gradients, so the mask still says
     # "training" inside a layer that reentrant gradient checkpointing runs without them (its recomputation has them).
     training = module.training and (sequence_parallel or isinstance(attention_mask, S2Mask) or torch.is_grad_enabled())
-    if not training or q_len != kv_len:
-        return _dense(
-            module,
-            query,
-            key,
-            value,
-            attention_mask,
-            settings,
-            dropout,
-            scaling,
-            is_causal,
-            sliding_window,
-            position_ids,
-            **kwargs,
-        )
-    check_causal(is_causal is not False and getattr(module, "is_causal", True), type(module).__name__)
-    if _layer_type(module) in OWN_ATTENTION_LAYER_TYPES:
+    dense = not training or q_len != kv_len
+    if not dense:  # a training call: S2 applies, unless the layer keeps its own local pattern (chunked attention)
+        check_causal(is_causal is not False and getattr(module, "is_causal", True), type(module).__name__)
+        dense = _layer_type(module) in OWN_ATTENTION_LAYER_TYPES
+    if dense:
         return _dense(
             module,
             query,
