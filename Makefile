@@ -6,14 +6,6 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 
 RUFF := $(BIN)/ruff
-# Repository policy checks that still live in the test suite (no time figures in help texts or docstrings, each
-# command's run function beside its parser, import layering, no unsafe loading): run here by node id too.
-POLICY_TESTS := \
-	tests/test_cli.py::test_no_help_or_docstring_states_a_time_the_readme_measures \
-	tests/test_cli.py::test_every_command_comes_from_the_registry_with_its_run_function_beside_its_parser \
-	tests/test_layering.py \
-	tests/test_security.py::test_every_torch_load_is_weights_only \
-	tests/test_security.py::test_trust_remote_code_is_never_turned_on_and_pickle_is_never_called
 
 .PHONY: setup demo example test bench quality style
 
@@ -38,11 +30,12 @@ test: setup
 bench: setup
 	$(BIN)/python benchmarks/s2_attention.py
 
-# Lint and format check, then the policy checks.
+# Lint and format check, then the repository's policy checks (utils/check_repo.py: safe loading, the import
+# layering, each command's run function beside its parser, no time figures in help texts or docstrings).
 quality: setup
 	$(RUFF) check .
 	$(RUFF) format --check .
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(POLICY_TESTS)
+	HF_HUB_OFFLINE=1 $(BIN)/python utils/check_repo.py
 
 # Fix what ruff can fix and format the tree.
 style: setup

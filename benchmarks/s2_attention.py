@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import longlora_hf  # noqa: F401  (registers "s2")
-from longlora_hf.attention import S2Mask, s2_attention_forward
+from longlora_hf.attention import S2ForwardMemo, s2_attention_forward
 
 
 HEADS, HEAD_DIM = 8, 64
@@ -44,7 +44,7 @@ def _attention_step(kind: str, length: int, device):
     module = SimpleNamespace(config=SimpleNamespace(s2_attention=None), training=True, is_causal=True)
     # One mask for every step, as the layers of one forward share theirs: the layout is computed in the
     # warm-up step, and the timed steps measure the attention alone.
-    mask = S2Mask(None)
+    mask = S2ForwardMemo(None)
 
     def step():
         if kind == "dense":

@@ -17,7 +17,8 @@ __version__ = "0.2.0"
 def register() -> None:
     """Register the package's plugins (idempotent): attn_implementation "s2" with transformers, and peft_type
     "LONGLORA" with PEFT, which first adds that member to PEFT's `PeftType` enum (the package's one change
-    to another library's objects; `longlora_hf.tuner._add_peft_type` says why and what would remove it)."""
+    to another library's objects; `longlora_hf.tuner.registration._add_peft_type` says why and what would remove
+    it)."""
     register_attention()
     register_tuner()
 

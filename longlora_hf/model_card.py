@@ -112,7 +112,31 @@ def render_model_card(
 ) -> str:
     """The README of a LongLoRA adapter (or, with `merged=True`, of a model it was merged into), from
     `config` (a `LongLoraConfig`) and what is known about the training. Unknown facts say so; nothing
-    about credentials goes in."""
+    about credentials goes in.
+
+    Args:
+        config (`LongLoraConfig`):
+            The adapter's config: its LoRA, LoRA+, S2-Attn settings and recorded position extension.
+        base_model (`str`, *optional*):
+            The base model; defaults to `config.base_model_name_or_path`. Only a Hub id goes in the metadata.
+        repo_or_path (`str`, *optional*):
+            Where the card's loading example loads the model from.
+        training_data (`str`, *optional*):
+            What it was trained on.
+        training_steps (`int` or `str`, *optional*):
+            How long it was trained.
+        evaluation (`dict` or `str`, *optional*):
+            `{model: {context_length: perplexity}}`, shown as a table, or Markdown shown as given.
+        title (`str`, *optional*):
+            The card's heading; by default the base model and the target context length.
+        merged (`bool`, defaults to False):
+            Describe a model the adapter was merged into, loaded with plain transformers.
+        tags (`list[str]`, *optional*):
+            Hub tags besides "longlora", "peft", "lora" (and "merged").
+
+    Returns:
+        `str`: the card: YAML metadata, then Markdown.
+    """
     base_model = base_model or config.base_model_name_or_path
     hub_base = hub_repo_id(base_model)
     metadata = ModelCardData(
@@ -173,7 +197,21 @@ def is_replaceable_card(path: Path) -> bool:
 
 def write_model_card(save_directory: str | Path, config, *, overwrite: bool = False, **facts) -> Path | None:
     """Write the LongLoRA card as `save_directory/README.md` unless a card someone wrote is already there
-    (`overwrite=True` replaces it). Returns the path written, or None when a card was kept."""
+    (`overwrite=True` replaces it). Returns the path written, or None when a card was kept.
+
+    Args:
+        save_directory (`str` or `Path`):
+            The adapter's (or merged model's) directory.
+        config (`LongLoraConfig`):
+            The adapter's config.
+        overwrite (`bool`, defaults to False):
+            Replace a card someone wrote too.
+        **facts:
+            The keyword arguments of `render_model_card` (training_data, evaluation, merged, ...).
+
+    Returns:
+        `Path` or `None`: `save_directory/README.md`, or None when a card someone wrote was kept.
+    """
     path = Path(save_directory) / "README.md"
     if not overwrite and not is_replaceable_card(path):
         return None

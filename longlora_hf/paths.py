@@ -550,47 +550,58 @@ def output_file(
 
 @contextmanager
 def claimed_directory(value: str | os.PathLike, flag: str) -> Iterator[None]:
-    """Hold an exclusive claim on the output directory `value` while a run writes it; a second run that asks
-    for it meanwhile is refused, naming the directory. The claim is an advisory lock (`flock`) on a file next
-    to the directory (`.<name>.longlora-hf.lock`, removed at the end, and not inside: nothing foreign lands
-    in the output or goes to the Hub with it); the system drops it when the process dies, so a killed run
-    never leaves a stale claim. Local file systems and NFS with lock support."""
-    import fcntl
+    """Hold an exclusive claim on the output directory `value` while a run writes it.
+
+    A second run that asks for it meanwhile is refused, naming the directory and the process that holds it. The
+    claim is a `filelock` lock on a hidden file next to the directory (`.<name>.longlora-hf.lock`: not inside, so
+    nothing foreign lands in the output or goes to the Hub with it), removed at the end. The system drops the lock
+    when the process dies, so a killed run never leaves a stale claim (only the file, which the next run reuses).
+    On a file system without locks the claim is skipped with a warning.
+
+    Args:
+        value: The output directory (made if missing, with its parents).
+        flag: The flag that named it, for messages.
+
+    Raises:
+        FileExistsError: Another run holds the claim.
+    """
+    from filelock import FileLock, Timeout
 
     directory = Path(value).expanduser().resolve()
     directory.parent.mkdir(parents=True, exist_ok=True)
-    lock = directory.parent / f".{directory.name}.longlora-hf.lock"
-    for _ in range(5):
-        handle = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(handle, 200, 0).decode("utf-8", "replace").strip() or "unknown"
-            os.close(handle)
-            raise FileExistsError(
-                f"{flag} {value}: another run is writing to it ({holder}). Wait for it to end, or choose another "
-                f"{flag}."
-            ) from None
-        except OSError as error:  # a file system without locks (Lustre without -o flock, some NFS)
-            os.close(handle)
-            lock.unlink(missing_ok=True)
-            warnings.warn(
-                f"{flag} {value}: cannot lock {lock} ({error}); two runs into it at once would not be refused.",
-                stacklevel=3,
-            )
-            yield
-            return
-        if lock.exists() and os.stat(lock).st_ino == os.fstat(handle).st_ino:
-            break
-        os.close(handle)  # the previous holder removed the file between our open and our lock: try again
-    else:
-        raise FileExistsError(f"{flag} {value}: could not claim it ({lock} keeps changing). Choose another {flag}.")
+    path = directory.parent / f".{directory.name}.longlora-hf.lock"
+    lock = FileLock(path, timeout=0)
     try:
-        os.ftruncate(handle, 0)
-        os.pwrite(handle, f"process {os.getpid()} on {os.uname().nodename}".encode(), 0)
+        lock.acquire()
+    except Timeout:
         try:
-            yield
-        finally:
-            lock.unlink(missing_ok=True)  # while still holding it, so no one else holds a removed file
+            holder = path.read_text(encoding="utf-8", errors="replace").strip()
+        except OSError:
+            holder = ""
+        raise FileExistsError(
+            f"{flag} {value}: another run is writing to it ({holder or 'unknown'}). Wait for it to end, or choose "
+            f"another {flag}."
+        ) from None
+    except (NotImplementedError, OSError) as error:  # no locks here (Lustre without -o flock, some NFS)
+        warnings.warn(
+            f"{flag} {value}: cannot lock {path} ({error}); two runs into it at once would not be refused.",
+            stacklevel=3,
+        )
+        yield
+        return
+    try:
+        _write_holder(path, f"process {os.getpid()} on {os.uname().nodename}")
+        yield
     finally:
-        os.close(handle)
+        # removed while still held: a run that opened it meanwhile finds an unlinked file once it gets the lock,
+        # which filelock detects, and tries again on a new one
+        path.unlink(missing_ok=True)
+        lock.release()
+
+
+def _write_holder(path: Path, text: str) -> None:
+    """Record who holds the claim in its lock file (the lock is on the file, not its content)."""
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError:
+        pass

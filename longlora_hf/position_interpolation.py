@@ -56,6 +56,14 @@ class PositionInterpolation:
     `original_context_length`: the context the model handled before; `factor`: the extension s over the
     model's own scheme (1.0: none needed); `original_rope_parameters` / `rope_parameters`: the model's
     `rope_parameters` before and after; `max_position_embeddings`: the value after.
+
+    Attributes:
+        original_context_length (`int`): The context the model handled before, in tokens.
+        target_context_length (`int`): The context planned for, in tokens.
+        factor (`float`): The extension s over the model's own scheme; 1.0 when the target is within the context.
+        original_rope_parameters (`dict`): The model's `rope_parameters` before.
+        rope_parameters (`dict`): Its `rope_parameters` after.
+        max_position_embeddings (`int`): Its `max_position_embeddings` after.
     """
 
     original_context_length: int
@@ -67,6 +75,7 @@ class PositionInterpolation:
 
     @property
     def changes_the_model(self) -> bool:
+        """Whether the plan extends the positions (a factor above 1)."""
         return self.factor > 1.0
 
 
@@ -83,7 +92,15 @@ def _is_per_layer_type(parameters: dict) -> bool:
 
 
 def rope_parameters_of(config) -> dict | None:
-    """A copy of the model's RoPE settings (flat, or one dict per layer type), or None without RoPE."""
+    """A copy of the model's RoPE settings (flat, or one dict per layer type), or None without RoPE.
+
+    Args:
+        config (`transformers.PreTrainedConfig`):
+            A model config; a composite one is read through its text config.
+
+    Returns:
+        `dict` or `None`: a deep copy of its `rope_parameters`.
+    """
     parameters = getattr(_text_config(config), "rope_parameters", None)
     return copy.deepcopy(dict(parameters)) if parameters else None
 
@@ -112,7 +129,18 @@ def _scheme_context(parameters: dict, max_positions: int) -> int:
 
 def context_length(config) -> int | None:
     """The context the model handles now, in tokens, by the rules in this module's docstring (models without
-    RoPE: `max_position_embeddings`)."""
+    RoPE: `max_position_embeddings`).
+
+    Args:
+        config (`transformers.PreTrainedConfig`):
+            A model config; a composite one is read through its text config.
+
+    Returns:
+        `int` or `None`: the context in tokens; None when the config has no `max_position_embeddings`.
+
+    Raises:
+        `ValueError`: when its RoPE type is not one this module knows how to extend.
+    """
     config = _text_config(config)
     max_positions = getattr(config, "max_position_embeddings", None)
     parameters = rope_parameters_of(config)
@@ -122,7 +150,15 @@ def context_length(config) -> int | None:
 
 
 def describe_rope(parameters: dict | None) -> str:
-    """A one-line account of RoPE settings, for cards and reports: 'llama3 (factor 8, original 8192, theta 500000)'."""
+    """A one-line account of RoPE settings, for cards and reports: 'llama3 (factor 8, original 8192, theta 500000)'.
+
+    Args:
+        parameters (`dict`, *optional*):
+            `rope_parameters`, flat or one dict per layer type.
+
+    Returns:
+        `str`: the account; "none" for no RoPE, and one account per layer type joined by "; ".
+    """
     if not parameters:
         return "none"
     if _is_per_layer_type(parameters):
@@ -219,6 +255,22 @@ def plan_position_interpolation(
 
     `rope_type=None` extends the model's own scheme; 'linear', 'dynamic' or 'yarn' choose the scheme for a
     model with plain RoPE, and are refused where they would replace another scheme.
+
+    Args:
+        config (`transformers.PreTrainedConfig`):
+            The model's config (a composite one is read through its text config); not changed.
+        target_context_length (`int`):
+            The context to reach, in tokens.
+        rope_type (`str`, *optional*):
+            As above.
+
+    Returns:
+        `PositionInterpolation`: the plan; its factor is 1.0 when the target is within the model's context.
+
+    Raises:
+        `ValueError`: when the target is not a positive integer, the model has no RoPE, its RoPE type is not one
+            this module extends, `rope_type` is unknown or would replace the model's own scaling, or, for RoPE per
+            layer type, its sliding-window layers have no `sliding_window` or dynamic NTK is asked for.
     """
     check_target_context_length(target_context_length)
     config = _text_config(config)
@@ -289,7 +341,22 @@ def legacy_rope_parameters(config, target_context_length: int, rope_type: str) -
 def apply_position_interpolation(
     model: torch.nn.Module, target_context_length: int, rope_type: str | None = None
 ) -> PositionInterpolation:
-    """Extend the model's RoPE for `target_context_length` (in place) and return what was done."""
+    """Extend the model's RoPE for `target_context_length` (in place) and return what was done.
+
+    Args:
+        model (`torch.nn.Module`):
+            A transformers model; its config and rotary modules change when the target exceeds its context.
+        target_context_length (`int`):
+            The context to reach, in tokens.
+        rope_type (`str`, *optional*):
+            As for `plan_position_interpolation`.
+
+    Returns:
+        `PositionInterpolation`: the plan that was applied.
+
+    Raises:
+        `ValueError`: as `plan_position_interpolation`, or when the model has no rotary module to rebuild.
+    """
     plan = plan_position_interpolation(model.config, target_context_length, rope_type)
     if plan.changes_the_model:
         set_rope_parameters(model, plan.rope_parameters, plan.max_position_embeddings)
@@ -298,7 +365,19 @@ def apply_position_interpolation(
 
 def set_rope_parameters(model: torch.nn.Module, rope_parameters: dict, max_position_embeddings: int) -> None:
     """Write `rope_parameters` and `max_position_embeddings` on the model's (text) config and rebuild every
-    rotary module of that config from it."""
+    rotary module of that config from it.
+
+    Args:
+        model (`torch.nn.Module`):
+            A transformers model, changed in place.
+        rope_parameters (`dict`):
+            The new `rope_parameters` (copied).
+        max_position_embeddings (`int`):
+            The new `max_position_embeddings`.
+
+    Raises:
+        `ValueError`: when the model has no rotary module (one with an `inv_freq` buffer) of that config.
+    """
     config = _text_config(model.config)
     rotary = [
         (name, module)

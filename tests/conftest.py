@@ -1,4 +1,4 @@
-"""Shared fixtures (a tiny tokenizer). Tiny models and the helpers the tests share are in `helpers.py`.
+"""Shared fixtures (a tiny tokenizer). Tiny models and the helpers the tests share are in `support/helpers.py`.
 
 Nothing is downloaded: HF_HUB_OFFLINE is set before transformers is imported.
 """

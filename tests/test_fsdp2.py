@@ -2,7 +2,7 @@
 
 accelerate sets its FSDP type only for accelerators, so `accelerate launch` with trainer_configs/accelerate/
 fsdp.yaml on a CPU runs plain data parallelism, which `check_launch` refuses (tests/test_training_sft.py).
-torch's FSDP2 itself runs on a CPU with gloo: tests/fsdp2_worker.py shards the LongLoRA model as accelerate's
+torch's FSDP2 itself runs on a CPU with gloo: tests/support/fsdp2_worker.py shards the LongLoRA model as accelerate's
 FSDP2 plugin does (each decoder layer, then the root) and trains it; this compares it with one process.
 """
 
@@ -18,7 +18,7 @@ import pytest
 import torch
 from peft import AutoPeftModelForCausalLM
 
-from fsdp2_worker import LEARNING_RATE, STEPS, build, rows, train
+from support.fsdp2_worker import LEARNING_RATE, STEPS, build, rows, train
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +41,7 @@ def test_fsdp2_shards_longlora_and_saves_resumes_and_reloads_as_one_process_trai
             "torch.distributed.run",
             "--nproc_per_node",
             "2",
-            str(ROOT / "tests" / "fsdp2_worker.py"),
+            str(ROOT / "tests" / "support" / "fsdp2_worker.py"),
             str(tmp_path),
         ],
         cwd=ROOT,

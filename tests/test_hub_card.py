@@ -9,10 +9,10 @@ import pytest
 from huggingface_hub import ModelCard
 from peft import LoraConfig, get_peft_model
 
-from helpers import tiny_model
 from longlora_hf import LongLoraConfig
 from longlora_hf.hub import push_adapter_to_hub, render_model_card, write_model_card
 from longlora_hf.model_card import GENERATED_MARK
+from support.helpers import tiny_model
 
 
 def trained_config(**overrides) -> LongLoraConfig:

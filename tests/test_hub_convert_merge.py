@@ -15,9 +15,9 @@ import transformers
 from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
-from helpers import shadow_longlora_hf, tiny_model, trained
 from longlora_hf import LongLoraConfig
 from longlora_hf.cli import main as cli_main
+from support.helpers import shadow_longlora_hf, tiny_model, trained
 
 
 def ids():

@@ -3,7 +3,7 @@
 (`longlora-hf merge --push_to_hub`), their cards.
 
 Every push and pull runs in a fresh Python process with the unmodified `huggingface_hub` client pointed
-at a Hub-compatible server on loopback (`HF_ENDPOINT`, tests/hub_server.py says which Hub behaviours it
+at a Hub-compatible server on loopback (`HF_ENDPOINT`, tests/support/hub_server.py says which Hub behaviours it
 covers), a token in `HF_TOKEN`, and its own empty cache (`HF_HOME`), so nothing is read from disk that
 did not come over HTTP. The token must never show up in output, in files written, or on the Hub.
 """
@@ -23,8 +23,8 @@ import torch
 from huggingface_hub import ModelCard
 from safetensors.torch import load, load_file
 
-from helpers import shadow_longlora_hf, tiny_model
-from hub_server import LocalHub
+from support.helpers import shadow_longlora_hf, tiny_model
+from support.hub_server import LocalHub
 
 
 ROOT = Path(__file__).resolve().parents[1]

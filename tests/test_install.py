@@ -59,7 +59,7 @@ def test_the_demo_runs_from_a_wheel_without_extras_and_says_how_to_get_the_plot(
     out = tmp_path / "demo"
     script = (
         "from longlora_hf.demo.run import run_demo; "
-        f"run_demo({str(out)!r}, steps=2, passkey_trials=1, eval_documents=1)"
+        f"run_demo({str(out)!r}, steps=2, passkey_trials=1, eval_documents=1, stride=2048)"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
     result = run([str(python), "-c", script], env=env, cwd=tmp_path)

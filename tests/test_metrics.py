@@ -13,11 +13,11 @@ from peft import LoraConfig, get_peft_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import longlora_hf
-from helpers import tiny_model
 from longlora_hf.cli import main as cli_main
 from longlora_hf.metrics import compute_perplexity, longlora_window_starts, passkey_prompt
 from longlora_hf.metrics import perplexity as perplexity_module
 from longlora_hf.metrics.passkey import FILLER, information_line, passkey_retrieval
+from support.helpers import tiny_model
 
 
 @pytest.fixture(scope="module")

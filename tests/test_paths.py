@@ -214,9 +214,10 @@ def test_a_second_claim_on_a_directory_is_refused_and_a_dead_holder_leaves_no_st
     finally:
         holder.kill()  # SIGKILL: no cleanup runs
         holder.wait()
+    out.mkdir()
     with claimed_directory(out, "--output_dir"):
-        pass
-    assert not list(tmp_path.glob(".*lock"))  # the claim's file is next to the directory, and gone after
+        assert not any(out.iterdir())  # the claim's file is next to the directory, not in it
+    assert not list(tmp_path.glob(".*lock"))  # and gone after
 
 
 # A run killed outright (SIGKILL, OOM killer, power cut) runs no cleanup: its partial sibling stays. The next run

@@ -12,8 +12,8 @@ import pytest
 import torch
 from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
 
-from helpers import tiny_model, trained
 from longlora_hf import LongLoraConfig, load_plain_lora, save_as_plain_lora
+from support.helpers import tiny_model, trained
 
 
 ARCHS = ["llama", "qwen2", "llama3-rope", "gemma3-interleaved"]

@@ -21,9 +21,9 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPIN
 from peft.utils import PeftType
 
 import longlora_hf
-from helpers import tiny_model, trained
 from longlora_hf import LongLoraConfig
 from longlora_hf.tuner import LongLoraModel
+from support.helpers import tiny_model, trained
 
 
 @pytest.mark.parametrize(

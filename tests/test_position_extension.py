@@ -15,9 +15,9 @@ import torch
 import transformers
 from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model
 
-from helpers import tiny_model, trained
 from longlora_hf import LongLoraConfig, save_as_plain_lora
 from longlora_hf.tuner import plan_position_interpolation
+from support.helpers import tiny_model, trained
 
 
 TINY = dict(vocab_size=128, intermediate_size=64, num_hidden_layers=1, pad_token_id=1, bos_token_id=2, eos_token_id=3)

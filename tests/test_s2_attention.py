@@ -1,4 +1,5 @@
-"""The S2-Attn attention function, against an explicit float64 mask of the partition (tests/s2_reference.py)."""
+"""The S2-Attn attention function, against an explicit float64 mask of the partition
+(tests/support/s2_reference.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 
 from longlora_hf.attention import S2AttentionSettings, s2, sequence_parallel
 from longlora_hf.attention.s2 import s2_attention_forward, s2_layout
-from s2_reference import group_boundaries, masked_attention, s2_reference_mask, varlen_stand_in
+from support.s2_reference import group_boundaries, masked_attention, s2_reference_mask, varlen_stand_in
 
 
 TOLERANCE = 1e-10

@@ -19,10 +19,10 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import longlora_hf
-from helpers import ARCHITECTURES, COMMON, shadow_longlora_hf, tiny_config, tiny_model
-from longlora_hf.attention import S2AttentionSettings, S2Mask, s2, use_s2_attention
+from longlora_hf.attention import S2AttentionSettings, S2ForwardMemo, s2, use_s2_attention
 from longlora_hf.attention.s2 import s2_attention_forward
-from s2_reference import masked_attention, s2_reference_mask
+from support.helpers import ARCHITECTURES, COMMON, shadow_longlora_hf, tiny_config, tiny_model
+from support.s2_reference import masked_attention, s2_reference_mask
 
 
 ARCHS = list(ARCHITECTURES)
@@ -647,7 +647,7 @@ def test_attention_dropout_is_not_applied_in_evaluation():
 @pytest.mark.parametrize("inner,expected_dims", [("sdpa", 4), ("flash_attention_2", 2)])
 def test_the_s2_mask_function_makes_the_mask_its_inner_backend_expects(inner, expected_dims):
     """Without gradients (evaluation, generation) it is exactly the inner backend's mask; with them, the same
-    mask inside the `S2Mask` that carries this forward's layouts."""
+    mask inside the `S2ForwardMemo` that carries this forward's layouts."""
     from transformers.masking_utils import create_causal_mask
 
     config = tiny_config("llama")
@@ -661,7 +661,7 @@ def test_the_s2_mask_function_makes_the_mask_its_inner_backend_expects(inner, ex
     with torch.no_grad():
         assert torch.equal(create_causal_mask(config=config, **inputs), expected)
     training = create_causal_mask(config=config, **inputs)
-    assert isinstance(training, S2Mask) and torch.equal(training.inner, expected)
+    assert isinstance(training, S2ForwardMemo) and torch.equal(training.inner, expected)
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])

@@ -12,11 +12,11 @@ from peft import get_peft_model
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from helpers import tiny_model
 from longlora_hf import LongLoraConfig
 from longlora_hf.attention import S2AttentionSettings, s2
-from longlora_hf.sft import LongLoraArguments, longlora_config, make_parser
-from s2_reference import masked_attention, s2_reference_mask, varlen_stand_in
+from longlora_hf.training.arguments import LongLoraArguments, SftArguments, longlora_config, make_parser
+from support.helpers import tiny_model
+from support.s2_reference import masked_attention, s2_reference_mask, varlen_stand_in
 
 
 def test_every_s2_setting_is_a_field_of_the_config_and_a_flag_of_sft_with_the_backends_help():
@@ -50,10 +50,7 @@ def test_sft_flags_reach_the_config():
         "--lora_r",
         "4",
     ]
-    _, training_args, model_args, _, longlora_args = parser.parse_args_and_config(
-        args=args, fail_with_unknown_args=True
-    )
-    config = longlora_config(model_args, training_args, longlora_args)
+    config = longlora_config(SftArguments(*parser.parse_args_and_config(args=args, fail_with_unknown_args=True)))
     assert (config.group_size, config.shift, config.inner_attn_implementation) == (64, False, "flash_attention_2")
     assert (config.rope_type, config.r, config.target_context_length) == ("yarn", 4, 4096)
 
@@ -126,9 +123,9 @@ def test_every_recipe_parses_into_a_longlora_config_with_its_s2_settings(recipe)
     import yaml
 
     keys = yaml.safe_load(open(recipe))
-    _, training_args, model_args, _, longlora_args = make_parser().parse_args_and_config(
+    parsed = make_parser().parse_args_and_config(
         args=["--config", recipe, "--use_cpu", "--bf16", "false"], fail_with_unknown_args=True
     )
-    config = longlora_config(model_args, training_args, longlora_args)
+    config = longlora_config(SftArguments(*parsed))
     for name in ("group_size_ratio", "shift", "inner_attn_implementation"):
         assert getattr(config, name) == keys.get(name, getattr(LongLoraConfig(), name)), name

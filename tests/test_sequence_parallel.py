@@ -1,7 +1,7 @@
 """S2-Attn under DeepSpeed's Ulysses sequence parallelism (ALST) equals S2-Attn in one process.
 
 Each rank holds 1/P of the sequence and, inside attention, the whole sequence for 1/P of the heads; S2 must
-shift the heads by their index in the whole model. The multi-process runs (tests/sp_worker.py under
+shift the heads by their index in the whole model. The multi-process runs (tests/support/sp_worker.py under
 `torchrun`, gloo on the CPU) are compared with the same model trained here in one process, without sequence
 parallelism: loss, gradients (the worker divides out the factor P its loss combination gives), evaluation
 logits and the saved adapter. The Trainer's own path (`longlora-hf sft --sp_size 2` under ZeRO-2 and ZeRO-3)
@@ -21,9 +21,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import tiny_config
 from longlora_hf.attention.sequence_parallel import check_sequence_parallel_heads, heads_held, valid_sp_sizes
-from sp_cases import (
+from support.helpers import tiny_config
+from support.sp_cases import (
     CASES,
     THREE_PROCESS_CASES,
     TWO_PROCESS_CASES,
@@ -36,7 +36,7 @@ from sp_cases import (
 
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKER = Path(__file__).parent / "sp_worker.py"
+WORKER = Path(__file__).parent / "support" / "sp_worker.py"
 
 
 def launch(out: Path, processes: int, cases: list[str]) -> None:
@@ -154,7 +154,7 @@ def test_evaluation_with_sequence_parallelism_on_is_dense_and_equals_one_process
 def test_the_adapter_of_a_sequence_parallel_run_loads_without_it_with_the_trained_logits(runs):
     from peft import PeftModel
 
-    from helpers import tiny_model
+    from support.helpers import tiny_model
 
     case = CASES["gqa-trains"]
     _, tensors = result(runs, "gqa-trains")
@@ -308,7 +308,7 @@ def test_sft_with_sp_size_2_under_zero2_and_zero3_trains_as_one_process(tmp_path
 
 @pytest.mark.distributed
 def test_sft_refuses_an_sp_size_that_cannot_split_the_heads_before_loading_anything(tmp_path):
-    from helpers import tiny_model
+    from support.helpers import tiny_model
 
     model_dir = tmp_path / "six-heads"
     tiny_model("llama", num_attention_heads=6, num_key_value_heads=3, hidden_size=48).save_pretrained(model_dir)
@@ -322,28 +322,26 @@ def test_sft_refuses_an_sp_size_that_cannot_split_the_heads_before_loading_anyth
 
 
 @pytest.mark.parametrize(
-    "value,environment,message",
+    "value,deepspeed,processes,message",
     [
-        (0, {}, "--sp_size must be a whole number of ranks, at least 1"),
-        (2, {}, "--sp_size 2 runs DeepSpeed's sequence parallelism: launch with `accelerate launch"),
-        (
-            2,
-            {"ACCELERATE_USE_DEEPSPEED": "true", "WORLD_SIZE": "3"},
-            "--sp_size 2 must divide the number of processes (3)",
-        ),
+        (0, False, 1, "--sp_size must be a whole number of ranks, at least 1"),
+        (2, False, 2, "--sp_size 2 runs DeepSpeed's sequence parallelism: launch with `accelerate launch"),
+        (2, True, 3, "--sp_size 2 must divide the number of processes (3)"),
     ],
 )
-def test_sp_size_is_checked_against_the_launch(value, environment, message, monkeypatch):
-    from longlora_hf.sft import check_sp_size
+def test_sp_size_is_checked_against_the_launch(value, deepspeed, processes, message, monkeypatch):
+    """The launch as accelerate knows it (`PartialState().num_processes`, stood in for here: a launch of 3 needs
+    3 processes) and the config the launcher was given (ACCELERATE_USE_DEEPSPEED)."""
+    from longlora_hf.training import checks
+    from longlora_hf.training.arguments import parse_arguments
 
-    for name in ("ACCELERATE_USE_DEEPSPEED", "WORLD_SIZE"):
-        monkeypatch.delenv(name, raising=False)
-    for name, setting in environment.items():
-        monkeypatch.setenv(name, setting)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", str(deepspeed).lower())
+    monkeypatch.setattr(checks, "launched_processes", lambda: processes)
+    args = parse_arguments(
+        ["--output_dir", "out", "--model_name_or_path", "unused/hub-id", "--sp_size", str(value), "--use_cpu"]
+    )
     with pytest.raises(ValueError) as error:
-        check_sp_size(
-            value, SimpleNamespace(model_name_or_path="unused/hub-id"), SimpleNamespace(trust_remote_code=False)
-        )
+        checks.check_sp_size(args)
     assert message in str(error.value)
 
 

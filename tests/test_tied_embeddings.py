@@ -12,8 +12,8 @@ from peft import AutoPeftModelForCausalLM, PeftModel, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from helpers import tiny_model
 from longlora_hf import LongLoraConfig
+from support.helpers import tiny_model
 
 
 VOCAB, HIDDEN = 4096, 32  # the embedding dominates the adapter, as in SmolLM2 (vocabulary 49152, hidden 576)

@@ -15,9 +15,9 @@ from peft import LoraConfig, get_peft_model
 from transformers import TrainerControl, TrainerState, TrainingArguments
 from trl import SFTConfig, SFTTrainer
 
-from helpers import tiny_model
 from longlora_hf import LongLoraConfig
 from longlora_hf.training import LongLoraCallback, LongLoraSFTTrainer
+from support.helpers import tiny_model
 
 
 def sft_trainer(tmp_path, tokenizer, peft_config, callback, max_length=128, steps=2):

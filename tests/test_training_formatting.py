@@ -9,7 +9,6 @@ from datasets import Dataset
 from transformers import PreTrainedTokenizerFast
 from trl import SFTConfig, SFTTrainer
 
-from helpers import tiny_model
 from longlora_hf.demo import ASSETS
 from longlora_hf.training import (
     LongAlpacaFields,
@@ -19,6 +18,7 @@ from longlora_hf.training import (
     format_records,
     read_records,
 )
+from support.helpers import tiny_model
 
 
 RECORD = {"material_type": "a book", "material_content": "Once upon a time.", "question": "Who?", "answer": "Nobody."}

@@ -15,10 +15,10 @@ import transformers
 from peft import AutoPeftModelForCausalLM, LoraConfig, PeftConfig, PeftModel, get_peft_model
 from torch import nn
 
-from helpers import shadow_longlora_hf, tiny_model, trained
 from longlora_hf import LongLoraConfig, save_as_plain_lora
 from longlora_hf.attention import S2AttentionSettings
 from longlora_hf.tuner import is_input_embedding, is_normalization
+from support.helpers import shadow_longlora_hf, tiny_model, trained
 
 
 ROUND_TRIP_ARCHS = ["llama", "qwen2", "gpt-neox", "phi3", "qwen3", "llama-tied"]

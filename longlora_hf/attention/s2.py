@@ -19,12 +19,12 @@ the flash-attn varlen layout); the SDPA path runs the same layout bucketed by gr
 
 Computing a layout is host-side work with a device-to-host copy, so it is done once per forward pass,
 not once per layer: in training, the mask function registered for "s2" wraps the inner backend's mask
-in an `S2Mask`, which transformers hands to every layer of one forward and which keeps the layouts
+in an `S2ForwardMemo`, which transformers hands to every layer of one forward and which keeps the layouts
 computed from it. They live as long as that forward.
 
 Evaluation, generation (no gradients) and any call whose keys outnumber its queries (a KV cache) use
 exact dense attention through the inner backend ("sdpa" by default). A training forward is one started
-with gradients enabled: its `S2Mask` keeps S2 on in the layers that reentrant gradient checkpointing runs
+with gradients enabled: its `S2ForwardMemo` keeps S2 on in the layers that reentrant gradient checkpointing runs
 without gradients, so their forward and their recomputation agree.
 
 Under DeepSpeed's Ulysses sequence parallelism (`sequence_parallel.py`) a call holds the whole sequence
@@ -122,7 +122,20 @@ DENSE_BELOW_TOKENS = 16
 
 
 def check_group_size(length: int, group_size: int, settings: S2AttentionSettings) -> None:
-    """Refuse groups under 2 tokens for a training sequence of `length` >= DENSE_BELOW_TOKENS tokens."""
+    """Refuse groups under 2 tokens for a training sequence of `length` >= DENSE_BELOW_TOKENS tokens.
+
+    Args:
+        length (`int`):
+            The number of tokens of the sequence (or packed document).
+        group_size (`int`):
+            The group size it gets (`settings.group_size_for(length)`).
+        settings (`S2AttentionSettings`):
+            The settings that gave it, named in the message.
+
+    Raises:
+        `ValueError`: when the groups are under 2 tokens and the sequence is not short enough to run dense; the
+            message gives the smallest ratio that works at this length.
+    """
     if group_size < 2 and length >= DENSE_BELOW_TOKENS:
         smallest = math.ceil(2 / length * 1000) / 1000  # rounded up, so that it works at this length
         raise ValueError(
@@ -138,7 +151,25 @@ def s2_layout(
 ) -> S2Layout:
     """Build the layout of both halves for a training batch. real: [batch, seq] bool, on any device; the
     layout's tensors go to `device` (default: real's). Groups under 2 tokens are refused
-    (`check_group_size`), except in sequences shorter than DENSE_BELOW_TOKENS, which are dense."""
+    (`check_group_size`), except in sequences shorter than DENSE_BELOW_TOKENS, which are dense.
+
+    Args:
+        real (`torch.Tensor`):
+            `[batch, seq]` bool: which positions hold real (unpadded) tokens.
+        position_ids (`torch.Tensor`, *optional*):
+            `[batch or 1, seq]`; a position id that does not follow its left neighbour's starts a new document
+            (packed rows). None: every run of real tokens is one document.
+        settings (`S2AttentionSettings`):
+            The group size and shift.
+        device (`torch.device`, *optional*):
+            Where the layout's tensors go; defaults to `real.device`.
+
+    Returns:
+        `S2Layout`: the groups of both halves of the heads over the real tokens.
+
+    Raises:
+        `ValueError`: from `check_group_size`, when a segment's groups would be under 2 tokens.
+    """
     device = real.device if device is None else device
     real_cpu = real.cpu()
     positions_cpu = None if position_ids is None else position_ids.cpu()
@@ -174,15 +205,16 @@ def real_tokens_from_mask(attention_mask: torch.Tensor | None, batch: int, seq: 
 
 
 @dataclass(eq=False)
-class S2Mask:
-    """What the "s2" mask function returns when gradients are enabled: the inner backend's mask for one
-    forward pass, and the layouts computed from it in that pass.
+class S2ForwardMemo:
+    """What the "s2" mask function hands the layers when gradients are enabled, in place of a mask: a memo of one
+    forward pass holding the inner backend's mask and the layouts computed from it in that pass. (Named `S2Mask`
+    in 0.1.0; that name stays an alias in 0.2.x.)
 
     transformers builds each kind of mask (causal, sliding-window) once per forward and hands the same
     object to every layer of that kind, so the first layer computes the layout and the others reuse it, as
     does the recomputation of a layer under gradient checkpointing (it gets the same arguments). Every
     layer of a forward gets the same `position_ids` tensor, so the memo recognises it by identity, and
-    holds it: the memo and what it holds live as long as this mask, that is, as long as the forward.
+    holds it: the memo and what it holds live as long as the forward.
     """
 
     inner: torch.Tensor | None
@@ -193,8 +225,8 @@ class S2Mask:
     def _used_as_a_tensor(self, *args, **kwargs):
         raise TypeError(
             "This model uses the attention mask as a tensor inside its layers (a sparse-attention indexer, as in "
-            "DeepSeek-V3.2, does), where attn_implementation='s2' hands its layers an S2Mask. S2-Attn cannot train "
-            f"such a model: {WITHOUT_S2}."
+            "DeepSeek-V3.2, does), where attn_implementation='s2' hands its layers an S2ForwardMemo. S2-Attn cannot "
+            f"train such a model: {WITHOUT_S2}."
         )
 
     __getitem__ = __and__ = __or__ = __add__ = __mul__ = __invert__ = _used_as_a_tensor
@@ -213,7 +245,23 @@ class S2Mask:
         settings: S2AttentionSettings,
         device: torch.device,
     ) -> S2Layout:
-        """The layout for a call with these position ids and sizes, computed on its first call."""
+        """The layout for a call with these position ids and sizes, computed on its first call.
+
+        Args:
+            position_ids (`torch.Tensor`, *optional*):
+                The call's position ids, recognised by identity (every layer of a forward gets the same tensor).
+            batch (`int`):
+                The batch size of the call.
+            seq (`int`):
+                Its sequence length.
+            settings (`S2AttentionSettings`):
+                The model's S2 settings.
+            device (`torch.device`):
+                Where the layout's tensors go.
+
+        Returns:
+            `S2Layout`: the layout of `s2_layout`, for the real tokens this mask marks.
+        """
         key = (batch, seq, device, astuple(settings))
         for known_position_ids, known_key, layout in self.layouts:
             if known_position_ids is position_ids and known_key == key:
@@ -445,7 +493,17 @@ WITHOUT_S2 = (
 
 
 def check_causal(is_causal: bool, owner: str) -> None:
-    """Refuse non-causal attention: S2-Attn's groups restrict a causal mask. `owner` names the model or layer."""
+    """Refuse non-causal attention: S2-Attn's groups restrict a causal mask. `owner` names the model or layer.
+
+    Args:
+        is_causal (`bool`):
+            Whether the attention is causal.
+        owner (`str`):
+            The model or layer, named in the message.
+
+    Raises:
+        `ValueError`: when `is_causal` is False.
+    """
     if not is_causal:
         raise ValueError(
             f"S2-Attn is for causal language models (each token attends only to earlier tokens), but {owner} is "
@@ -504,7 +562,17 @@ PASSIVE_ATTENTION_KWARGS = frozenset(
 
 def check_attention_kwargs(kwargs: dict, owner: str) -> None:
     """Refuse an attention argument S2 does not implement, unless it is unset: S2 computes the attention itself
-    in training, so an argument that changes the result (soft-capping, a bias, a head mask...) would be ignored."""
+    in training, so an argument that changes the result (soft-capping, a bias, a head mask...) would be ignored.
+
+    Args:
+        kwargs (`dict`):
+            The keyword arguments an attention module passed, less those S2 takes by name.
+        owner (`str`):
+            The attention module, named in the message.
+
+    Raises:
+        `ValueError`: when an argument outside `PASSIVE_ATTENTION_KWARGS` is set (neither None nor False).
+    """
     unknown = {
         name: value
         for name, value in kwargs.items()
@@ -552,7 +620,7 @@ def _dense(
     own whole rows there): a call with no mask whose position ids restart inside a row (packed documents, and
     pads given restarting ids, as TRL's collator makes them) then gets attention within each document, as the
     mask would have given. Outside sequence parallelism the call is the inner backend's, unchanged."""
-    mask = attention_mask.inner if isinstance(attention_mask, S2Mask) else attention_mask
+    mask = attention_mask.inner if isinstance(attention_mask, S2ForwardMemo) else attention_mask
     batch, heads, seq, _ = query.shape
     if (
         mask is None
@@ -624,7 +692,7 @@ def s2_attention_forward(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    attention_mask: S2Mask | torch.Tensor | None,
+    attention_mask: S2ForwardMemo | torch.Tensor | None,
     dropout: float = 0.0,
     scaling: float | None = None,
     is_causal: bool | None = None,
@@ -636,18 +704,57 @@ def s2_attention_forward(
 
     query/key: [batch, heads or kv_heads, seq, dim]; value: [batch, kv_heads, seq, value_dim] (GQA/MQA:
     fewer kv heads; MLA, e.g. DeepSeek-V3: value_dim != dim). attention_mask: what `s2_mask` made (an
-    `S2Mask` in training, the inner backend's mask otherwise), or a mask transformers passes through
+    `S2ForwardMemo` in training, the inner backend's mask otherwise), or a mask transformers passes through
     unchanged (a 4D mask the caller built) or None. Returns ([batch, seq, heads, value_dim], None), the
     contract of transformers' attention functions.
+
+    transformers calls it for `attn_implementation="s2"`; a call trains with S2 when its module is in training
+    mode, gradients are on (or its mask is an `S2ForwardMemo`, or the call runs under sequence parallelism), and
+    queries and keys have the same length; every other call, and every call of a chunked-attention layer (Llama 4),
+    is dense, through the inner backend.
+
+    Args:
+        module (`torch.nn.Module`):
+            The attention module; its `config` holds the S2 settings (`config.s2_attention`).
+        query (`torch.Tensor`):
+            `[batch, heads, seq, dim]`.
+        key (`torch.Tensor`):
+            `[batch, kv_heads, kv_seq, dim]`.
+        value (`torch.Tensor`):
+            `[batch, kv_heads, kv_seq, value_dim]`.
+        attention_mask (`S2ForwardMemo` or `torch.Tensor`, *optional*):
+            As above.
+        dropout (`float`, defaults to 0.0):
+            Attention dropout probability.
+        scaling (`float`, *optional*):
+            Softmax scale; None: `dim ** -0.5`, the kernels' default.
+        is_causal (`bool`, *optional*):
+            Passed by some modules; a training call with `is_causal=False` is refused.
+        sliding_window (`int`, *optional*):
+            The layer's sliding window, applied within the groups.
+        position_ids (`torch.Tensor`, *optional*):
+            Where packed documents restart; each is grouped on its own.
+        **kwargs:
+            The module's other attention arguments: `s_aux` (attention sinks) is applied; in training, one that
+            would change the result and that S2 does not implement is refused (`check_attention_kwargs`).
+
+    Returns:
+        `tuple[torch.Tensor, None]`: the attention output `[batch, seq, heads, value_dim]`, and no weights.
+
+    Raises:
+        `ValueError`: in a training call, for non-causal attention, an attention argument S2 does not implement,
+            or groups under 2 tokens (`check_group_size`).
     """
     settings = S2AttentionSettings.from_config(module.config)
     q_len, kv_len = query.shape[2], key.shape[2]
     # Under Ulysses sequence parallelism this call holds the whole sequence for a share of the heads, and no mask
-    # (DeepSpeed drops it): whether it trains is the module's mode, since no S2Mask can mark a training forward.
+    # (DeepSpeed drops it): whether it trains is the module's mode, since no S2ForwardMemo can mark a training forward.
     sequence_parallel = query.shape[1] != model_heads(module.config, query.shape[1])
-    # Otherwise `s2_mask` makes an S2Mask only for a forward started with gradients, so the mask still says
+    # Otherwise `s2_mask` makes an S2ForwardMemo only for a forward started with gradients, so the mask still says
     # "training" inside a layer that reentrant gradient checkpointing runs without them (its recomputation has them).
-    training = module.training and (sequence_parallel or isinstance(attention_mask, S2Mask) or torch.is_grad_enabled())
+    training = module.training and (
+        sequence_parallel or isinstance(attention_mask, S2ForwardMemo) or torch.is_grad_enabled()
+    )
     dense = not training or q_len != kv_len
     if not dense:  # a training call: S2 applies, unless the layer keeps its own local pattern (chunked attention)
         check_causal(is_causal is not False and getattr(module, "is_causal", True), type(module).__name__)
@@ -673,14 +780,14 @@ def s2_attention_forward(
 
     batch, heads, seq, _ = query.shape
     value_dim = value.shape[-1]  # differs from the query/key head size under MLA (DeepSeek-V2/V3)
-    if isinstance(attention_mask, S2Mask):
+    if isinstance(attention_mask, S2ForwardMemo):
         layout = attention_mask.layout(position_ids, batch, seq, settings, query.device)
     elif attention_mask is None:
         layout = layout_without_mask(position_ids, batch, seq, settings, query.device)
     else:
         # A 4D mask the caller built (transformers passes it through): nothing ties this call to the other layers
         # of its forward, so it gets a layout of its own.
-        layout = S2Mask(attention_mask).layout(position_ids, batch, seq, settings, query.device)
+        layout = S2ForwardMemo(attention_mask).layout(position_ids, batch, seq, settings, query.device)
     # [batch, heads, seq, dim] -> [batch * seq, heads, dim], then keep the real tokens only.
     q, k, v = (_tokens(x) for x in (query, key, value))
     if layout.token_index is not None:
@@ -714,15 +821,28 @@ def s2_attention_forward(
     return out.view(batch, seq, heads, value_dim), None
 
 
-def s2_mask(*args, config=None, **kwargs) -> S2Mask | torch.Tensor | None:
+def s2_mask(*args, config=None, **kwargs) -> S2ForwardMemo | torch.Tensor | None:
     """The mask function registered for "s2": the inner backend's own (a 4D mask for SDPA, 2D for flash).
 
     transformers calls it once per forward pass and mask kind. With gradients enabled (training) the mask
-    comes wrapped in an `S2Mask`, which marks a training forward and carries the layout from the first
+    comes wrapped in an `S2ForwardMemo`, which marks a training forward and carries the layout from the first
     layer to the others. Without them (evaluation, generation) attention is dense, and the inner backend's
     mask is returned as it is, so generation's own mask handling is untouched. Training reads only O(seq)
     of the mask (padding from its diagonal); the dense path hands it to the inner backend unchanged.
+
+    Args:
+        *args, **kwargs:
+            What transformers passes a mask function; handed on to the inner backend's.
+        config (`transformers.PreTrainedConfig`, *optional*):
+            The model config, whose S2 settings name the inner backend.
+
+    Returns:
+        `S2ForwardMemo`, `torch.Tensor` or `None`: the inner backend's mask, wrapped in an `S2ForwardMemo` when
+        gradients are enabled.
     """
     inner_attn_implementation = S2AttentionSettings.from_config(config).inner_attn_implementation
     mask = ALL_MASK_ATTENTION_FUNCTIONS[inner_attn_implementation](*args, config=config, **kwargs)
-    return S2Mask(mask) if torch.is_grad_enabled() else mask
+    return S2ForwardMemo(mask) if torch.is_grad_enabled() else mask
+
+
+S2Mask = S2ForwardMemo  # the 0.1.0 name, kept for 0.2.x

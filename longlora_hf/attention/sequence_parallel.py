@@ -22,7 +22,12 @@ ULYSSES_STATE_MODULE = "deepspeed.runtime.sequence_parallel.parallel_state_sp"
 
 def ulysses_group() -> tuple[int, int] | None:
     """(rank, size) of this process in DeepSpeed's Ulysses sequence-parallel group, or None when there is none.
-    Reads DeepSpeed's module only when something imported it (DeepSpeed is optional)."""
+    Reads DeepSpeed's module only when something imported it (DeepSpeed is optional).
+
+    Returns:
+        `tuple[int, int]` or `None`: this process's rank in the group and the group's size; None when DeepSpeed's
+        Ulysses group is not set up (no sequence parallelism).
+    """
     state = sys.modules.get(ULYSSES_STATE_MODULE)
     if state is None or getattr(state, "_SEQUENCE_PARALLEL_GROUP", None) is None:
         return None

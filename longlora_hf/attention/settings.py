@@ -21,6 +21,12 @@ class S2AttentionSettings:
     groups shifted by `G // 2`: `[0, G/2), [G/2, 3G/2), ...`. A sequence of at most `G` tokens has
     fewer than two groups and uses dense causal attention. Evaluation, generation and calls with a
     KV cache always use dense attention through `inner_attn_implementation`.
+
+    The fields are the arguments, each documented by its `metadata["help"]` below. A config stores the settings as
+    the dict `config.s2_attention` (`write_to`, `from_config`).
+
+    Raises:
+        `ValueError`: on construction, when a field is out of range or of the wrong type.
     """
 
     group_size_ratio: float = field(
@@ -72,13 +78,32 @@ class S2AttentionSettings:
             )
 
     def group_size_for(self, length: int) -> int:
-        """The group size used for a sequence (or packed document) of `length` tokens."""
+        """The group size used for a sequence (or packed document) of `length` tokens.
+
+        Args:
+            length (`int`):
+                The number of tokens of the sequence or packed document.
+
+        Returns:
+            `int`: `group_size` when set, else `int(length * group_size_ratio)` (may be under 2 for a short
+            sequence; `s2_layout` decides what that means).
+        """
         if self.group_size is not None:
             return self.group_size
         return int(length * self.group_size_ratio)
 
     @classmethod
     def from_config(cls, config) -> S2AttentionSettings:
+        """The settings stored on `config`, or the defaults when it holds none.
+
+        Args:
+            config (`transformers.PreTrainedConfig` or `None`):
+                A model config; its `s2_attention` attribute is read (a dict, as `write_to` stores it and
+                `config.json` keeps it, or an instance).
+
+        Returns:
+            `S2AttentionSettings`: the stored settings (validated), or the defaults.
+        """
         stored = getattr(config, CONFIG_ATTRIBUTE, None)
         if stored is None:
             return cls()
@@ -87,18 +112,44 @@ class S2AttentionSettings:
         return cls(**stored)
 
     def write_to(self, config) -> None:
+        """Store these settings on `config` as the dict `config.s2_attention`, which `save_pretrained` records.
+
+        Args:
+            config (`transformers.PreTrainedConfig`):
+                The model config to write to.
+        """
         setattr(config, CONFIG_ATTRIBUTE, asdict(self))
 
 
 def inner_attn_implementation_for(model_attn_implementation: str | None) -> str:
     """The inner kernel S2 uses by default on a model loaded with `model_attn_implementation`: flash-attn for
-    a model loaded with it, and SDPA for anything else (eager, sdpa, kernels S2 has no varlen path for)."""
+    a model loaded with it, and SDPA for anything else (eager, sdpa, kernels S2 has no varlen path for).
+
+    Args:
+        model_attn_implementation (`str`, *optional*):
+            The model's `config._attn_implementation`.
+
+    Returns:
+        `str`: "flash_attention_2" or "sdpa".
+    """
     return "flash_attention_2" if model_attn_implementation == "flash_attention_2" else "sdpa"
 
 
 def s2_field(name: str, default=MISSING, help_prefix: str = ""):
     """A dataclass field for another config (LongLoraConfig, the sft flags) that holds the S2 setting `name`,
-    with this class's default and help, so the settings are written once."""
+    with this class's default and help, so the settings are written once.
+
+    Args:
+        name (`str`):
+            The name of a field of `S2AttentionSettings`.
+        default (*optional*):
+            A default of the other config's own; by default this class's.
+        help_prefix (`str`, *optional*):
+            Text put before this class's help (what the other config's own default means).
+
+    Returns:
+        `dataclasses.Field`: the field, with the help in `metadata["help"]`.
+    """
     source = S2AttentionSettings.__dataclass_fields__[name]
     return field(
         default=source.default if default is MISSING else default,

@@ -225,7 +225,32 @@ def convert_reference_checkpoint(
     written under its own name too, which PEFT needs to load it). A tensor that is no weight of the base is
     refused by name, never dropped. `out` is written by the rule of `longlora_hf.paths` (never into the
     checkpoint, files it did not write replaced only with `overwrite`, the earlier `out` or none after an
-    interruption)."""
+    interruption).
+
+    Args:
+        checkpoint (`str` or `Path`):
+            The reference checkpoint's directory: `adapter_config.json`, the LoRA weights and
+            `trainable_params.bin` (the embedding and norm weights).
+        out (`str` or `Path`):
+            The directory to write the LongLoRA adapter to.
+        target_context_length (`int`, *optional*):
+            The context the checkpoint was trained for, recorded in the adapter's `LongLoraConfig` so that loading
+            it restores the position interpolation.
+        base (`str`, *optional*):
+            As above.
+        overwrite (`bool`, defaults to False):
+            Replace files in `out` that this command did not write.
+
+    Returns:
+        `Path`: `out`.
+
+    Raises:
+        `FileNotFoundError`: when the checkpoint, its `adapter_config.json` or its `trainable_params.bin` is
+            missing.
+        `ValueError`: when the checkpoint is not a reference LoRA checkpoint, `base` is refused, or a tensor does not
+            fit the base.
+        `FileExistsError`: when `out` holds files this command did not write and `overwrite` is False.
+    """
     checkpoint, out = Path(checkpoint), Path(out)
     config_path = checkpoint / "adapter_config.json"
     if checkpoint.exists() and not checkpoint.is_dir():

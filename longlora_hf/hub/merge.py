@@ -38,7 +38,31 @@ def merge_adapter(
     merge leaves the earlier `out` or none. The base, the adapter and `out` are checked before loading, and
     the adapter against the base before it is applied. A full disk ends in `OutOfSpaceError` (the space the
     merged model needs and the space free), a failed push in `HubError` (the merged model stays in `out`):
-    each an OSError of one line."""
+    each an OSError of one line.
+
+    Args:
+        base (`str`):
+            The base model: a local directory or Hub id.
+        adapter (`str`):
+            The adapter: a local directory or Hub id.
+        out (`str` or `Path`):
+            The directory to write the merged model to.
+        push_to_hub (`str`, *optional*):
+            As above.
+        private (`bool`, defaults to False):
+            Create the Hub repo as private.
+        overwrite (`bool`, defaults to False):
+            Replace files in `out` that this command did not write.
+
+    Returns:
+        `Path`: `out`.
+
+    Raises:
+        `ValueError` or `FileNotFoundError`: when the base, the adapter or `out` is refused before loading, or the
+            adapter does not fit the base.
+        `FileExistsError`: when `out` holds files this command did not write and `overwrite` is False.
+        `OutOfSpaceError`, `HubError`: as above.
+    """
     check_model_source(base, "--base", "model")
     check_model_source(adapter, "--adapter", "adapter")
     needed = None

@@ -23,7 +23,27 @@ def push_adapter_to_hub(
 
     Use this rather than `model.push_to_hub(repo_id)` when you want the LongLoRA card: transformers'
     `push_to_hub` (which PEFT models inherit) replaces the saved README with a generic card on a repo's
-    first push. The token is the one `huggingface_hub` finds (`HF_TOKEN` or `hf auth login`)."""
+    first push. The token is the one `huggingface_hub` finds (`HF_TOKEN` or `hf auth login`).
+
+    Args:
+        model (`peft.PeftModel`):
+            A model whose active adapter is a LongLoRA adapter.
+        repo_id (`str`):
+            The Hub repo to upload to (`owner/name`); created when missing.
+        private (`bool`, defaults to False):
+            Create the repo as private (an existing repo keeps its visibility).
+        commit_message (`str`, defaults to "Upload LongLoRA adapter"):
+            The message of the upload's commit.
+        **card_facts:
+            As above.
+
+    Returns:
+        `str`: the URL of the commit.
+
+    Raises:
+        `ValueError`: when the model's active adapter is not a LongLoRA adapter (or the model is not a PEFT
+            model). Errors of the Hub are `huggingface_hub`'s.
+    """
     config = longlora_config_of(model)
     if config is None:
         found = getattr(model, "active_peft_config", None)

@@ -43,7 +43,24 @@ def check_passkey_options(depths, trials: int) -> list[float]:
 
 
 def passkey_prompt(tokenizer, context_length: int, depth: float, key: str) -> str:
-    """A prompt of about `context_length` tokens with the key's line after `depth` of the filler."""
+    """A prompt of about `context_length` tokens with the key's line after `depth` of the filler.
+
+    Args:
+        tokenizer:
+            The tokenizer of the model under test; it measures the prompt.
+        context_length (`int`):
+            The prompt's length to aim at, in tokens.
+        depth (`float`):
+            The fraction of the filler before the key's line, in [0, 1].
+        key (`str`):
+            The pass key.
+
+    Returns:
+        `str`: the prompt, ending with the question.
+
+    Raises:
+        `ValueError`: when `depth` is outside [0, 1].
+    """
     _check_depth(depth)
     fixed = len(tokenizer("\n".join([TASK, information_line(key), QUESTION]), add_special_tokens=False)["input_ids"])
     per_sentence = len(tokenizer(" " + FILLER, add_special_tokens=False)["input_ids"])
@@ -70,7 +87,32 @@ def passkey_retrieval(
     seed: int = 0,
     progress: bool = True,
 ) -> dict:
-    """Accuracy[context_length][depth] over `trials` random keys each (greedy decoding, dense attention)."""
+    """Accuracy[context_length][depth] over `trials` random keys each (greedy decoding, dense attention).
+
+    Args:
+        model (`transformers.PreTrainedModel`):
+            A causal LM; put in evaluation mode for the run, then back in its mode.
+        tokenizer:
+            Its tokenizer.
+        context_lengths:
+            The prompt lengths, in tokens.
+        depths (defaults to `(0.0, 0.25, 0.5, 0.75, 1.0)`):
+            The fractions of the filler before the key, each in [0, 1].
+        trials (`int`, defaults to 5):
+            Random keys per context length and depth.
+        seed (`int`, defaults to 0):
+            Seed of the keys.
+        progress (`bool`, defaults to True):
+            Show a progress bar.
+
+    Returns:
+        `dict`: `accuracy` ({context_length: {depth: fraction correct}}) and `trials` (one record per key: its
+        context length, depth, key, answer, whether it was correct, and the prompt's tokens).
+
+    Raises:
+        `ValueError`: for an empty or invalid list of context lengths or depths, or `trials` under 1, before any
+            generation.
+    """
     # Checked before the first prompt, not when a bad value's turn comes after minutes of generation.
     context_lengths = check_context_lengths(context_lengths)
     depths = check_passkey_options(depths, trials)

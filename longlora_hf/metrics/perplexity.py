@@ -74,7 +74,19 @@ def read_token_file(path: str | Path) -> torch.Tensor:
 
 
 def longlora_window_starts(n_tokens: int, context_length: int, stride: int = 256) -> list[int]:
-    """Window starts of the reference evaluation: range(0, n - L, stride), without its last start."""
+    """Window starts of the reference evaluation: range(0, n - L, stride), without its last start.
+
+    Args:
+        n_tokens (`int`):
+            The length n of the token stream.
+        context_length (`int`):
+            The window length L.
+        stride (`int`, defaults to 256):
+            Tokens between window starts.
+
+    Returns:
+        `list[int]`: the start of each window (empty when the stream is too short for one).
+    """
     starts = list(range(0, n_tokens - context_length, stride))
     return starts[:-1]
 
@@ -344,6 +356,40 @@ def compute_perplexity(
     `mean_perplexity`, and `by_context_length` {length: {perplexity, loss, windows, tokens_scored}}.
     `progress` shows a bar of the windows of all context lengths, with tokens per second. Scoring holds the
     logits of `SCORING_TOKENS` positions at a time, not of a whole window (see `_WindowScorer`).
+
+    Args:
+        model (`transformers.PreTrainedModel`, `str` or `Path`):
+            A causal LM, or a local path or Hub id to load one from (safetensors, no remote code).
+        tokenizer (*optional*):
+            The tokenizer for `predictions`; loaded with a model path when not given.
+        predictions (`list[str]`, *optional*):
+            Texts to evaluate on.
+        input_ids (*optional*):
+            Token ids to evaluate on, flattened into one sequence.
+        token_file (`str` or `Path`, *optional*):
+            A flat file of uint16 token ids to evaluate on.
+        context_lengths (defaults to `(2048,)`):
+            The evaluation context lengths, in tokens.
+        protocol (`str`, defaults to "longlora"):
+            "longlora" or "strided" (this module's docstring).
+        stride (`int`, defaults to 256):
+            Tokens between window starts.
+        batch_size (`int`, defaults to 1):
+            Windows per forward pass.
+        adapter (`str`, *optional*):
+            A PEFT adapter to load on the model (LongLoRA adapters restore their position interpolation).
+        beyond_context (`str`, defaults to "warn"):
+            A context length beyond the model's context: "warn" evaluates it with a warning, "error" refuses it.
+        progress (`bool`, defaults to True):
+            Show the progress bar.
+
+    Returns:
+        `dict`: as above, plus `protocol`, `stride` and `tokens` (the length of the token stream).
+
+    Raises:
+        `ValueError`: for an invalid option, not exactly one data argument, texts without a tokenizer, token ids
+            outside the model's vocabulary, a context length the data is too short for (or that leaves no window),
+            or one beyond the model's context with `beyond_context="error"`.
     """
     # What needs neither the model nor the data is checked before a model path is loaded (minutes for a 7B).
     check_perplexity_options(protocol, stride, batch_size, beyond_context)

@@ -121,3 +121,47 @@ def check_launch(setup: DistributedSetup | None = None) -> DistributedSetup:
             f"{setup.distributed_type}. Check that deepspeed is installed (pip install 'longlora-hf[deepspeed]')."
         )
     return setup
+
+
+def is_main_process() -> bool:
+    """Whether this process is the launch's main one (global rank 0, or a process no launcher started), as
+    accelerate's `PartialState` knows it."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+def launched_processes() -> int:
+    """How many processes the launch started (accelerate's `PartialState`)."""
+    from accelerate import PartialState
+
+    return PartialState().num_processes
+
+
+def say(line: str, stream) -> None:
+    """Print `line` on the main process only: one line per launch, not one per rank."""
+    if is_main_process():
+        print(line, file=stream, flush=True)
+
+
+def leave_without_interpreter_teardown(code: int) -> None:
+    """Exit a launched rank whose run has ended and been saved, skipping interpreter teardown.
+
+    With DeepSpeed on the CPU, a Gloo worker thread still finishing DeepSpeed's asynchronous communication
+    can need the GIL while the interpreter tears down, and the rank aborts ("terminate called without an
+    active exception") after a good, saved run, failing the launch. Still needed after the trainer has
+    ended its process group (`accelerator.end_training()`): without this exit, the ZeRO-3 resume test
+    (`test_a_zero3_run_resumed_from_its_checkpoint_ends_with_the_uninterrupted_adapter`) aborted so in 1
+    of 6 runs on a loaded 2-core machine. The atexit handlers (experiment trackers, logging) run first,
+    while Python is whole. Remove once DeepSpeed's CPU communication is joined at `destroy_process_group`.
+
+    Args:
+        code: The exit code.
+    """
+    import atexit
+    import sys
+
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -1,8 +1,8 @@
 """Which precision a training run computes in, and whether the CPU runs it fast.
 
 TRL's `SFTConfig` turns bf16 autocast on by default. On a CPU without native bf16 instructions (AVX512-BF16 or
-AMX on x86, the BF16 extension on Arm) every bf16 matmul is emulated: one training step of the demo model at 2048
-tokens took 19.3 s under bf16 autocast against 1.2 s in float32 on an AVX2-only AMD EPYC (2026-12-02).
+AMX on x86, the BF16 extension on Arm) every bf16 matmul is emulated, many times slower than float32
+(docs/training.md has the measurement).
 """
 
 from __future__ import annotations

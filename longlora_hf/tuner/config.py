@@ -40,6 +40,15 @@ class LongLoraConfig(LoraConfig):
 
     A model loaded for inference (`PeftModel.from_pretrained`, `AutoPeftModelForCausalLM`) gets the
     position interpolation back and runs dense attention. Defaults are the paper's.
+
+    The fields are the arguments: `peft.LoraConfig`'s, and LongLoRA's below, each documented by its
+    `metadata["help"]` (the S2-Attn ones are `S2AttentionSettings`'s). `original_context_length`,
+    `position_interpolation_factor`, `original_rope_parameters` and `rope_parameters` are recorded by
+    `get_peft_model`, not set by hand.
+
+    Raises:
+        `ValueError`: on construction, when `target_context_length`, `rope_type` or an S2-Attn setting is invalid
+            (besides `LoraConfig`'s own checks).
     """
 
     r: int = field(default=8, metadata={"help": "LoRA rank. The paper uses 8."})
@@ -122,13 +131,29 @@ class LongLoraConfig(LoraConfig):
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
         """Save the config, and the LongLoRA model card as README.md in place of PEFT's generic one
-        (a card someone wrote is kept)."""
+        (a card someone wrote is kept).
+
+        Args:
+            save_directory (`str`):
+                The directory to write `adapter_config.json` and README.md to.
+            **kwargs:
+                Passed on to `peft.PeftConfig.save_pretrained`.
+        """
         super().save_pretrained(save_directory, **kwargs)
         write_model_card(save_directory, self)
 
     def s2_attention_settings(self, model_attn_implementation: str | None = None) -> S2AttentionSettings:
         """The S2-Attn settings this config gives a model loaded with `model_attn_implementation` (an unset
-        inner kernel follows it, as `get_peft_model` does)."""
+        inner kernel follows it, as `get_peft_model` does).
+
+        Args:
+            model_attn_implementation (`str`, *optional*):
+                The attention the model was loaded with (`config._attn_implementation`); used only when
+                `inner_attn_implementation` is unset.
+
+        Returns:
+            `S2AttentionSettings`: the group size, shift and inner kernel.
+        """
         settings = {name: getattr(self, name) for name in S2_SETTINGS_FIELDS}
         settings["inner_attn_implementation"] = self.inner_attn_implementation or inner_attn_implementation_for(
             model_attn_implementation
@@ -138,6 +163,14 @@ class LongLoraConfig(LoraConfig):
 
 def longlora_config_of(model) -> LongLoraConfig | None:
     """The `LongLoraConfig` of `model`'s active adapter, or None when `model` is not a PEFT model with an
-    active LongLoRA adapter."""
+    active LongLoRA adapter.
+
+    Args:
+        model:
+            Any model; a `PeftModel` is read through its `active_peft_config`.
+
+    Returns:
+        `LongLoraConfig` or `None`.
+    """
     config = getattr(model, "active_peft_config", None)
     return config if isinstance(config, LongLoraConfig) else None

@@ -28,6 +28,20 @@ def save_as_plain_lora(model: PeftModel, out_dir: str | Path, adapter_name: str 
       max_position_embeddings) and default attention. Load it without longlora_hf as
       `AutoModelForCausalLM.from_pretrained(base, config=AutoConfig.from_pretrained(out_dir))`, then
       `PeftModel.from_pretrained(base_model, out_dir)`.
+
+    Args:
+        model (`peft.PeftModel`):
+            A model holding the LongLoRA adapter `adapter_name`.
+        out_dir (`str` or `Path`):
+            The directory to write; PEFT puts an adapter other than "default" in `out_dir/<adapter_name>`.
+        adapter_name (`str`, defaults to "default"):
+            The adapter to export.
+
+    Returns:
+        `Path`: the directory holding the plain LoRA adapter and its `config.json`.
+
+    Raises:
+        `TypeError`: when `adapter_name` is not a LongLoRA adapter.
     """
     out_dir = Path(out_dir)
     config = model.peft_config[adapter_name]
@@ -66,7 +80,21 @@ def load_plain_lora(model: PeftModel, model_id: str | Path, adapter_name: str, i
     positions nor the attention and trains no LoRA+ modules beyond its own `modules_to_save`: it is loaded as one,
     with the same weights, so it computes what PEFT computes for it. Like `load_adapter`, it is not made active.
     A plain LoRA export carries its position interpolation in its `config.json`, not in the adapter: it runs at
-    the positions the model has (those of its LongLoRA twin, when loaded next to it)."""
+    the positions the model has (those of its LongLoRA twin, when loaded next to it).
+
+    Args:
+        model (`peft.PeftModel`):
+            A model holding LongLoRA adapters; the adapter is added to it.
+        model_id (`str` or `Path`):
+            A local directory or Hub id of a plain LoRA adapter.
+        adapter_name (`str`):
+            The name to load it under.
+        is_trainable (`bool`, defaults to False):
+            Load it for training; otherwise its weights are frozen (inference mode), as `load_adapter` does.
+
+    Raises:
+        `ValueError`: when `model_id` is not a LoRA adapter (peft_type other than LORA).
+    """
     peft_type = PeftConfig._get_peft_type(str(model_id))
     if peft_type != PeftType.LORA:
         raise ValueError(

@@ -100,7 +100,17 @@ def _unwrapped(module: nn.Module) -> nn.Module:
 def is_input_embedding(model: nn.Module, module: nn.Module) -> bool:
     """True for `model`'s input embedding as the model itself names it (`get_input_embeddings()`), whatever
     its attribute name (`embed_tokens`, `wte`, `word_embeddings`, `w`...), also when PEFT wraps it. False for
-    every module of a model that names none (its `get_input_embeddings` raises NotImplementedError)."""
+    every module of a model that names none (its `get_input_embeddings` raises NotImplementedError).
+
+    Args:
+        model (`torch.nn.Module`):
+            A transformers model (or one PEFT wraps).
+        module (`torch.nn.Module`):
+            One of its modules.
+
+    Returns:
+        `bool`: whether `module` is (or wraps) the model's input embedding.
+    """
     try:
         embedding = model.get_input_embeddings()
     except NotImplementedError:
@@ -110,7 +120,16 @@ def is_input_embedding(model: nn.Module, module: nn.Module) -> bool:
 
 def is_normalization(module: nn.Module) -> bool:
     """Layer norms, RMS norms and group norms, built-in or architecture-specific (`LlamaRMSNorm`...), whatever
-    their attribute name (`norm`, `ln_f`, `ln_1`...), also when PEFT wraps them."""
+    their attribute name (`norm`, `ln_f`, `ln_1`...), also when PEFT wraps them.
+
+    Args:
+        module (`torch.nn.Module`):
+            The module to classify: `nn.LayerNorm`, `nn.GroupNorm`, `nn.RMSNorm`, or a class whose name ends in
+            "Norm" and that holds parameters of its own.
+
+    Returns:
+        `bool`: whether `module` is (or wraps) a normalization layer.
+    """
     module = _unwrapped(module)
     if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)):
         return True
@@ -199,7 +218,13 @@ class TiedOutputHead(nn.Module):
     """An adapter's output head tied to its trained input embedding: `x @ embedding.weight.T`, with no weight of
     its own. It reads the embedding's weight at each call, so the tie holds whatever replaces that parameter (a
     loader that assigns tensors: transformers' `load_adapter`, PEFT's `low_cpu_mem_usage=True`), and the adapter
-    saves and loads the weight once, under the embedding's name."""
+    saves and loads the weight once, under the embedding's name.
+
+    Args:
+        embedding (`torch.nn.Module`):
+            The adapter's trained input embedding (its `weight` is `[vocab, hidden]`); held, not registered as a
+            submodule.
+    """
 
     def __init__(self, embedding: nn.Module):
         super().__init__()
@@ -233,7 +258,16 @@ class TiedModulesToSaveWrapper(ModulesToSaveWrapper):
     PEFT 0.21's `ensure_weight_tying` wraps the head in a plain `ModulesToSaveWrapper` whose copy shares the
     embedding copy's parameter: saved a second time (`lm_head.weight`, doubling the file of a vocabulary-dominated
     model), needed to load, and untied by any loader that assigns parameters. PEFT ties trainable tokens by
-    reference the same way (`TrainableTokensWrapper` with a `tied_adapter`, which saves nothing either)."""
+    reference the same way (`TrainableTokensWrapper` with a `tied_adapter`, which saves nothing either).
+
+    Args:
+        module_to_save (`torch.nn.Module`):
+            The base model's tied module (the output head).
+        adapter_name (`str`):
+            The first adapter.
+        tied_module (`torch.nn.Module`, *optional*):
+            That adapter's trained input embedding; its copy of the head is then a `TiedOutputHead` of it.
+    """
 
     def update(self, adapter_name, tied_module=None, **kwargs):
         if tied_module is not None and adapter_name not in self.modules_to_save:
@@ -262,6 +296,18 @@ class LongLoraModel(LoraModel):
     know about. The tuner records the base as it was before its first adapter (`base_state`) and follows PEFT's
     documented behaviour on it: `unload()` and deleting the last LongLoRA adapter give that base back,
     `disable_adapter()` runs it, and every adapter of one model shares one position extension.
+
+    PEFT builds it for peft_type "LONGLORA" (`get_peft_model`, `PeftModel.from_pretrained`, `load_adapter`).
+
+    Args:
+        model (`torch.nn.Module`):
+            The base model.
+        peft_config (`LongLoraConfig` or `dict[str, LongLoraConfig]`):
+            The first adapter's config (or the configs by adapter name).
+        adapter_name (`str`):
+            The first adapter's name.
+        low_cpu_mem_usage (`bool`, defaults to False), state_dict (*optional*):
+            As for `peft.LoraModel`.
     """
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
@@ -447,7 +493,26 @@ def prepare_model_for_longlora(model: nn.Module, config: LongLoraConfig, base: B
 
     `base`: the model as it was before any LongLoRA adapter (default: as it is now). A new adapter's position
     extension is planned from it, so that a second adapter of a model records the base's RoPE as its original,
-    and one that would extend the positions otherwise than the adapters already there is refused."""
+    and one that would extend the positions otherwise than the adapters already there is refused.
+
+    Args:
+        model (`torch.nn.Module`):
+            The base model (not a `PeftModel`), changed in place: its RoPE and `max_position_embeddings` when
+            `config.target_context_length` exceeds its context, and its attention (S2-Attn to train, else the inner
+            kernel).
+        config (`LongLoraConfig`):
+            The adapter's config, filled in place: `target_modules` (when unset), `modules_to_save` (the LoRA+
+            modules), `ensure_weight_tying` when a tied embedding trains, a relative local
+            `base_model_name_or_path` made absolute, and the RoPE it records.
+        base (`BaseModelState`, *optional*):
+            As above.
+
+    Raises:
+        `ValueError`: when `model` is already a `PeftModel`, S2-Attn cannot run on it (`check_s2_compatible`) or
+            its groups at `target_context_length` would be under 2 tokens, or the positions cannot be extended as
+            asked (no RoPE, a `rope_type` that would replace the model's own scaling, an adapter whose RoPE
+            differs from the other adapters' or from the base's).
+    """
     if isinstance(model, PeftModel):
         raise ValueError(
             f"The model is already a PEFT model ({type(model).__name__} with adapters "
@@ -539,7 +604,19 @@ def check_adapter_weights(shapes: dict[str, tuple[int, ...]], model: nn.Module, 
     """Refuse adapter tensors (name -> shape, as saved) that do not fit `model` (a base model, not wrapped):
     a LoRA factor (`<module>.lora_A/lora_B...`) of a module the base does not have, or of another width; any
     other tensor (a LoRA+ embedding or norm) that is not a weight of the base, or has another shape.
-    `where` names the base in the messages."""
+    `where` names the base in the messages.
+
+    Args:
+        shapes (`dict[str, tuple[int, ...]]`):
+            The adapter's tensors, by name as saved (`base_model.model.` + the base's own name), with their shapes.
+        model (`torch.nn.Module`):
+            The base model.
+        where (`str`):
+            How the messages name the base.
+
+    Raises:
+        `ValueError`: at the first tensor that does not fit, saying which and why.
+    """
     modules = dict(model.named_modules())
     parameters = dict(model.named_parameters(remove_duplicate=False))
     for name, shape in shapes.items():
@@ -576,7 +653,20 @@ def check_adapter_fits(model: nn.Module, adapter: str | Path, flag: str = "--ada
     """Before loading the local adapter directory `adapter` on `model` (a base, not wrapped): every tensor it
     saved fits the base (`check_adapter_weights`), and every linear layer of the base its config targets has
     LoRA weights in it (else the adapter was made for a model with fewer layers: PEFT would load it and leave
-    those layers untrained, silently). A Hub id is left to PEFT. Reads the config and the safetensors header."""
+    those layers untrained, silently). A Hub id is left to PEFT. Reads the config and the safetensors header.
+
+    Args:
+        model (`torch.nn.Module`):
+            The base model; a `PeftModel` is left to PEFT.
+        adapter (`str` or `Path`):
+            The adapter: a local directory holding `adapter_model.safetensors` is checked, anything else is not.
+        flag (`str`, defaults to "--adapter"):
+            The option that named the adapter, which the message starts with.
+
+    Raises:
+        `ValueError`: when the adapter does not fit the base (`check_adapter_weights`), or misses LoRA weights of
+            linear layers its `target_modules` name (unless it targets parameters).
+    """
     from peft import PeftConfig
     from peft.tuners.tuners_utils import check_target_module_exists
     from safetensors import safe_open

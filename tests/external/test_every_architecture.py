@@ -14,7 +14,7 @@ padded batch of two rows (32 and 23 tokens: groups of 8 and 5).
 "Exact" means all of (`architectures.outcome`):
 - in training, S2's logits on the real tokens equal those of an independent reference: the model's own
   `eager_attention_forward` (so its sinks, soft-capping and scaling are its own) under the model's own mask
-  intersected with the partition of `tests/s2_reference.py`'s `s2_reference_mask`, within 1e-6 of the logits'
+  intersected with the partition of `tests/support/s2_reference.py`'s `s2_reference_mask`, within 1e-6 of the logits'
   scale; and dense training is far from that reference, so a wrong partition could not pass;
 - gradients reach the LoRA factors, the input embedding and the norms, and every trainable tensor that dense
   training reaches;
@@ -24,7 +24,7 @@ Otherwise longlora_hf must refuse the architecture clearly: a ValueError or Type
 message names one of the reasons of `architectures.REFUSALS`. Anything else is a failure: silently wrong, or an
 error that names no reason. Architectures that cannot run tiny are listed, with why, in `CANNOT_RUN_TINY`.
 
-`python tests/external/architectures.py` prints every outcome and the summary for the README.
+`python tests/support/architectures.py` prints every outcome and the summary for the README.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 import longlora_hf
-from architectures import (
+from longlora_hf.attention import check_causal
+from support.architectures import (
     CANNOT_RUN,
     CANNOT_RUN_TINY,
     EXACT,
@@ -54,7 +55,6 @@ from architectures import (
     train_plain,
     train_without_s2,
 )
-from longlora_hf.attention import check_causal
 
 
 ARCHITECTURES, LEFT_OUT = enumerate_architectures()

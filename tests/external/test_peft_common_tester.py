@@ -2,14 +2,14 @@
 
 This suite does not come from this project. It is PEFT's test harness, `PeftCommonTester` (tests/testing_common.py),
 driven through `TestDecoderModels` (tests/test_decoder_models.py), its driver for causal LMs, both taken from the
-source distribution of exactly the PEFT version installed (`peft.__version__`). `peft_harness.py` downloads that
-sdist at test time with pip, caches its tests/ folder and imports it; nothing of it is copied here. If it cannot
-be fetched, every test here fails saying so.
+source distribution of exactly the PEFT version installed (`peft.__version__`). `support/peft_harness.py`
+downloads that sdist at test time with pip, caches its tests/ folder and imports it; nothing of it is copied here.
+If it cannot be fetched, every test here fails saying so.
 
 Every `_test_*` method of the harness that test_decoder_models runs for LoRA, and those test_custom_models runs for
 LoRA that apply to a causal LM, runs on three tiny models, Llama, Qwen2 and Gemma 3 (text), built by
-`helpers.tiny_model` and saved to directories the harness loads them from as model ids. Each runs twice, with the
-same kwargs:
+`support.helpers.tiny_model` and saved to directories the harness loads them from as model ids. Each runs twice,
+with the same kwargs:
 - LoRA, the control: `LoraConfig` with PEFT's own kwargs for LoRA on decoders (test_decoder_models' plain LoraConfig
   case). A control that fails says the harness and the setup disagree, whatever LongLoRA does.
 - LongLoRA: `LongLoraConfig` with the same kwargs plus `target_context_length` twice the models' context (256 ->
@@ -38,9 +38,9 @@ import torch
 import transformers
 from peft import LoraConfig, get_peft_model
 
-from helpers import COMMON, tiny_model
 from longlora_hf import LongLoraConfig
-from peft_harness import PeftHarness, PeftHarnessUnavailable, import_peft_harness
+from support.helpers import COMMON, tiny_model
+from support.peft_harness import PeftHarness, PeftHarnessUnavailable, import_peft_harness
 
 
 SHARED_OVERRIDES = dict(pad_token_id=0, hidden_size=64, intermediate_size=128, head_dim=16)
@@ -51,7 +51,7 @@ projection must be at least 20 wide (key/value: 2 heads of 16), or PEFT's SVD tr
 
 @dataclass(frozen=True)
 class TinyModel:
-    """A tiny model of `helpers.ARCHITECTURES[arch]`, saved for the harness as `<directory>` (named like PEFT's
+    """A tiny model of `support.helpers.ARCHITECTURES[arch]`, saved for the harness as `<directory>` (named like PEFT's
     own tiny checkpoints, so the harness's adjustments keyed to their ids, such as `"qwen2" in model_id` for its
     dummy Qwen2's near-zero weights, do not apply to it)."""
 

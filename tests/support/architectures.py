@@ -1,7 +1,7 @@
 """Every decoder `*ForCausalLM` of the installed transformers that declares attention-backend support, built tiny
 from its own default config, and what S2-Attn does with it: the support module of `test_every_architecture.py`.
 
-`python tests/external/architectures.py` prints the outcome of every architecture and the summary line for the
+`python tests/support/architectures.py` prints the outcome of every architecture and the summary line for the
 README (`summary()`).
 """
 
@@ -30,10 +30,10 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING  # noqa: 
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES  # noqa: E402
 
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for s2_reference when run as a script
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for support.s2_reference as a script
 import longlora_hf  # noqa: E402  (registers "s2")
 from longlora_hf.attention import use_s2_attention  # noqa: E402
-from s2_reference import s2_reference_mask  # noqa: E402
+from support.s2_reference import s2_reference_mask  # noqa: E402
 
 
 LONGLORA_HF = str(Path(longlora_hf.__file__).resolve().parent)

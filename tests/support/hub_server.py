@@ -139,7 +139,7 @@ class HubHandler(BaseHTTPRequestHandler):
                     with self.state.lock:
                         handler(**{k: v for k, v in match.groupdict().items()})
                     return
-            raise HubError(404, f"This server does not implement {method} {path} (see tests/hub_server.py).")
+            raise HubError(404, f"This server does not implement {method} {path} (see tests/support/hub_server.py).")
         except HubError as error:
             headers = {"X-Error-Message": error.message}
             if error.code:

@@ -1,7 +1,7 @@
 """Run by `torchrun` from tests/test_sequence_parallel.py: S2-Attn under DeepSpeed's Ulysses sequence
 parallelism (ALST) with gloo on the CPU, case by case, as accelerate's Trainer path runs it underneath.
 
-    torchrun --nproc_per_node P tests/sp_worker.py OUT_DIR CASE [CASE ...]
+    torchrun --nproc_per_node P tests/support/sp_worker.py OUT_DIR CASE [CASE ...]
 
 For each case (`sp_cases.CASES`) every rank builds the same tiny LongLoRA model and batch (`sp_cases`),
 DeepSpeed's `UlyssesSPAttentionHF.register_with_transformers` wraps "s2" (disable_in_eval=True, as accelerate
@@ -26,7 +26,7 @@ from pathlib import Path
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the `support` package
 
 import deepspeed.comm as ds_comm  # noqa: E402
 import torch  # noqa: E402
@@ -35,7 +35,7 @@ from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF 
 from safetensors.torch import save_file  # noqa: E402
 
 import longlora_hf.attention.s2 as s2_module  # noqa: E402
-from sp_cases import CASES, build_model, eval_batches, sgd_step, train_batch  # noqa: E402
+from support.sp_cases import CASES, build_model, eval_batches, sgd_step, train_batch  # noqa: E402
 
 
 def count_layouts() -> list[int]:

@@ -1,5 +1,5 @@
 """The cases of the sequence-parallel tests: tiny LongLoRA models and batches, built the same way by the
-`torchrun` worker (tests/sp_worker.py, each rank running 1/P of the sequence) and by the test (one process, no
+`torchrun` worker (tests/support/sp_worker.py, each rank running 1/P of the sequence) and by the test (one process, no
 sequence parallelism: the reference)."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 import torch
 from peft import get_peft_model
 
-from helpers import tiny_model
 from longlora_hf import LongLoraConfig
+from support.helpers import tiny_model
 
 
 LENGTH = 96  # divisible by 2 and 3; S2 groups of 24 tokens (ratio 1/4)

@@ -5,7 +5,7 @@ route cannot run on a CPU. This runs what that route runs underneath: `fully_sha
 on the root (what accelerate's FSDP2 plugin with TRANSFORMER_BASED_WRAP does), AdamW, the full state dict
 gathered to save the adapter, and torch.distributed.checkpoint (DCP) for a sharded checkpoint to resume from.
 
-    torchrun --nproc_per_node 2 tests/fsdp2_worker.py OUT_DIR
+    torchrun --nproc_per_node 2 tests/support/fsdp2_worker.py OUT_DIR
 
 Writes OUT_DIR/straight and OUT_DIR/resumed (adapters, from rank 0) and OUT_DIR/facts.json.
 """

@@ -1,5 +1,5 @@
 """Tiny models of every architecture we support, built from configs with the real models' shapes, and
-helpers the tests share. Imported by the tests (`from helpers import tiny_model`); `conftest.py` keeps the
+helpers the tests share. Imported by the tests (`from support.helpers import tiny_model`); `conftest.py` keeps the
 fixtures only.
 
 Nothing is downloaded: HF_HUB_OFFLINE is set before transformers is imported.
