@@ -553,10 +553,12 @@ def claimed_directory(value: str | os.PathLike, flag: str) -> Iterator[None]:
     """Hold an exclusive claim on the output directory `value` while a run writes it.
 
     A second run that asks for it meanwhile is refused, naming the directory and the process that holds it. The
-    claim is a `filelock` lock on a hidden file next to the directory (`.<name>.longlora-hf.lock`: not inside, so
-    nothing foreign lands in the output or goes to the Hub with it), removed at the end. The system drops the lock
-    when the process dies, so a killed run never leaves a stale claim (only the file, which the next run reuses).
-    On a file system without locks the claim is skipped with a warning.
+    claim is a `filelock` lock (the system's `flock`) on a hidden file next to the directory
+    (`.<name>.longlora-hf.lock`: not inside, so nothing foreign lands in the output or goes to the Hub with it),
+    removed at the end. The system drops the lock when the process dies, so a killed run never leaves a stale
+    claim (only the file, which the next run reuses). On a file system without `flock` (Lustre mounted without
+    it, NFS without a lock daemon) the claim is skipped with a warning: filelock's soft lock, a file whose
+    existence is the lock, would outlive a killed run.
 
     Args:
         value: The output directory (made if missing, with its parents).
@@ -564,13 +566,16 @@ def claimed_directory(value: str | os.PathLike, flag: str) -> Iterator[None]:
 
     Raises:
         FileExistsError: Another run holds the claim.
+        OSError: The lock file cannot be made or opened (a directory that cannot be written).
     """
     from filelock import FileLock, Timeout
 
     directory = Path(value).expanduser().resolve()
     directory.parent.mkdir(parents=True, exist_ok=True)
     path = directory.parent / f".{directory.name}.longlora-hf.lock"
-    lock = FileLock(path, timeout=0)
+    # a short wait, not 0: a run that opened the file as the holder removed it finds it unlinked once it gets the
+    # lock, and filelock then tries again on a new file within the wait
+    lock = FileLock(path, timeout=0.5, fallback_to_soft=False)
     try:
         lock.acquire()
     except Timeout:
@@ -582,7 +587,9 @@ def claimed_directory(value: str | os.PathLike, flag: str) -> Iterator[None]:
             f"{flag} {value}: another run is writing to it ({holder or 'unknown'}). Wait for it to end, or choose "
             f"another {flag}."
         ) from None
-    except (NotImplementedError, OSError) as error:  # no locks here (Lustre without -o flock, some NFS)
+    except (NotImplementedError, OSError) as error:
+        if isinstance(error, OSError) and error.errno not in NO_LOCKS:
+            raise
         warnings.warn(
             f"{flag} {value}: cannot lock {path} ({error}); two runs into it at once would not be refused.",
             stacklevel=3,
@@ -593,10 +600,14 @@ def claimed_directory(value: str | os.PathLike, flag: str) -> Iterator[None]:
         _write_holder(path, f"process {os.getpid()} on {os.uname().nodename}")
         yield
     finally:
-        # removed while still held: a run that opened it meanwhile finds an unlinked file once it gets the lock,
-        # which filelock detects, and tries again on a new one
-        path.unlink(missing_ok=True)
-        lock.release()
+        try:
+            path.unlink(missing_ok=True)  # while still held, so no run holds a lock on a removed file unawares
+        finally:
+            lock.release()
+
+
+# What `flock` fails with on a file system without locks.
+NO_LOCKS = {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP}
 
 
 def _write_holder(path: Path, text: str) -> None:

@@ -16,6 +16,7 @@ outside this package is reassigned.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 
 from .hub.push import HubError, hub_errors
@@ -135,7 +136,10 @@ def run(args) -> int:
     try:
         parsed = parse_arguments(args.command_argv)
     except (ValueError, OSError) as error:
-        say(f"longlora-hf sft: error: {error}", sys.stderr)
+        # accelerate may not have set this process up yet (TrainingArguments does, while parsing): the launcher's
+        # RANK says which process is the main one, without starting a process group just to print
+        if os.environ.get("RANK", "0") == "0":
+            print(f"longlora-hf sft: error: {error}", file=sys.stderr)
         return 2
     return main(parsed)
 

@@ -4,6 +4,7 @@ either the earlier result or the new one after an interruption, never a mix."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import re
@@ -184,6 +185,30 @@ def test_an_output_that_cannot_be_created_is_refused_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="is a file; give a directory"):
         with output_directory(tmp_path / "afile", "--out"):
             pytest.fail("refused before any work")
+
+
+@pytest.mark.parametrize(
+    "failure,outcome",
+    [(OSError(errno.ENOLCK, "No locks available"), "warned"), (PermissionError(errno.EACCES, "denied"), "refused")],
+    ids=["file-system-without-locks", "lock-file-not-writable"],
+)
+def test_a_claim_is_skipped_with_a_warning_only_where_the_file_system_has_no_locks(
+    tmp_path, monkeypatch, failure, outcome
+):
+    import filelock
+
+    def acquire(self, *args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(filelock.FileLock, "acquire", acquire)
+    if outcome == "warned":
+        with pytest.warns(UserWarning, match="two runs into it at once would not be refused"):
+            with claimed_directory(tmp_path / "run", "--output_dir"):
+                pass
+    else:
+        with pytest.raises(PermissionError):
+            with claimed_directory(tmp_path / "run", "--output_dir"):
+                pytest.fail("a claim that could not be made is not skipped")
 
 
 def test_a_second_claim_on_a_directory_is_refused_and_a_dead_holder_leaves_no_stale_claim(tmp_path):

@@ -14,7 +14,13 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from longlora_hf import LongLoraConfig
 from longlora_hf.attention import S2AttentionSettings, s2
-from longlora_hf.training.arguments import LongLoraArguments, SftArguments, longlora_config, make_parser
+from longlora_hf.training.arguments import (
+    CONFIG_FLAGS,
+    LongLoraArguments,
+    SftArguments,
+    longlora_config,
+    make_parser,
+)
 from support.helpers import tiny_model
 from support.s2_reference import masked_attention, s2_reference_mask, varlen_stand_in
 
@@ -26,6 +32,15 @@ def test_every_s2_setting_is_a_field_of_the_config_and_a_flag_of_sft_with_the_ba
         assert config_fields[setting.name].metadata["help"].endswith(setting.metadata["help"]), setting.name
         assert flag_fields[setting.name].metadata["help"] == config_fields[setting.name].metadata["help"], setting.name
         assert flag_fields[setting.name].default == config_fields[setting.name].default, setting.name
+
+
+def test_every_longlora_flag_of_sft_has_the_type_of_its_config_field():
+    import typing
+
+    flags, config = typing.get_type_hints(LongLoraArguments), typing.get_type_hints(LongLoraConfig)
+    assert len(CONFIG_FLAGS) == 9
+    for name in CONFIG_FLAGS:
+        assert flags[name] == config[name], name
 
 
 def test_sft_flags_reach_the_config():

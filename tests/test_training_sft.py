@@ -1135,14 +1135,19 @@ def test_a_local_dataset_directory_is_checked_file_by_file_but_not_its_metadata(
     assert cli_main(args) == 0  # dataset_infos.json is datasets' metadata, .cache/ is hidden: neither is read
 
 
+# A dataset card whose YAML names the data files, as a clone of a Hub dataset has: datasets reads those only.
+README_WITH_CONFIG = "---\nconfigs:\n- config_name: default\n  data_files: data/*.jsonl\n---\n"
+
+
 @pytest.mark.parametrize(
     "files,data_files,checked",
     [
         (["train.jsonl", "notes.jsonl", "test.jsonl"], None, ["test.jsonl", "train.jsonl"]),
         (["a.jsonl", "b.jsonl", ".hidden/c.jsonl", "dataset_infos.json"], None, ["a.jsonl", "b.jsonl"]),
         (["a.jsonl", "b.jsonl", "c.json"], "*.jsonl", ["a.jsonl", "b.jsonl"]),
+        (["README.md", "data/x.jsonl", "other.jsonl"], None, ["data/x.jsonl"]),
     ],
-    ids=["split-names", "hidden-and-metadata", "data-files-glob"],
+    ids=["split-names", "hidden-and-metadata", "data-files-glob", "config-in-readme"],
 )
 def test_the_data_files_checked_are_those_datasets_reads(tmp_path, files, data_files, checked):
     """A local directory's files are found by `datasets`' own rules (split names, hidden and metadata files, a
@@ -1156,7 +1161,10 @@ def test_the_data_files_checked_are_those_datasets_reads(tmp_path, files, data_f
     data = tmp_path / "data"
     for name in files:
         (data / name).parent.mkdir(parents=True, exist_ok=True)
-        (data / name).write_text(json.dumps({"text": name}) + "\n" if name != "dataset_infos.json" else "{}")
+        content = {"dataset_infos.json": "{}", "README.md": README_WITH_CONFIG}.get(
+            name, json.dumps({"text": name}) + "\n"
+        )
+        (data / name).write_text(content)
     mixture = [{"path": str(data), **({"data_files": data_files} if data_files else {})}]
     config = tmp_path / "recipe.yaml"
     config.write_text(json.dumps({"datasets": mixture, "output_dir": "out", "model_name_or_path": "m"}))
@@ -1164,3 +1172,17 @@ def test_the_data_files_checked_are_those_datasets_reads(tmp_path, files, data_f
     assert sorted(path.relative_to(data).as_posix() for path in local_data_files(args)) == checked
     loaded = load_dataset(str(data), data_files=data_files, cache_dir=str(tmp_path / "cache"))
     assert sorted(text for split in loaded.values() for text in split["text"]) == checked
+
+
+def test_data_a_run_reads_from_elsewhere_is_left_to_datasets(tmp_path):
+    """Remote `data_files` and Hub datasets are not resolved before training (no network, no refusal)."""
+    from longlora_hf.training.arguments import parse_arguments
+    from longlora_hf.training.data import local_data_files
+
+    config = tmp_path / "recipe.yaml"
+    mixture = [
+        {"path": "json", "data_files": "https://example.invalid/train.jsonl"},
+        {"path": "someone/some-dataset"},
+    ]
+    config.write_text(json.dumps({"datasets": mixture, "output_dir": "out", "model_name_or_path": "m"}))
+    assert local_data_files(parse_arguments(["--config", str(config), "--use_cpu"])) == []

@@ -86,16 +86,8 @@ class LongLoraArguments:
 
 
 # The LongLoraArguments that are LongLoraConfig fields, passed to it as they are.
-CONFIG_FLAGS = (
-    "target_context_length",
-    "rope_type",
-    "use_s2_attn",
-    "group_size_ratio",
-    "group_size",
-    "shift",
-    "inner_attn_implementation",
-    "trainable_embeddings",
-    "trainable_norms",
+CONFIG_FLAGS = tuple(
+    name for name in LongLoraArguments.__dataclass_fields__ if name in LongLoraConfig.__dataclass_fields__
 )
 
 

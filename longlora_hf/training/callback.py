@@ -100,9 +100,14 @@ class LongLoraCallback(TrainerCallback):
     process. A launch that does not run what it asked for (`launch.check_launch`) stops here. Evaluation inside
     training runs dense attention on its own ("s2" is dense in eval mode).
 
-    require_s2: stop with an error when the model does not run S2-Attn (default: required when the
-    model's PEFT config asks for it). max_length: the training length, read from the training arguments
-    (`max_length`, TRL) when not given.
+    Args:
+        require_s2: Stop with an error when the model does not run S2-Attn. Default: required when the model's
+            PEFT config asks for it.
+        max_length: The training length, read from the training arguments (`max_length`, TRL) when not given.
+
+    Raises:
+        ValueError: At train start, a set-up that cannot work (S2 required but off, a launch that does not run
+            what it asked for, sequences longer than the extended context), named with its fix.
     """
 
     def __init__(self, require_s2: bool | None = None, max_length: int | None = None):

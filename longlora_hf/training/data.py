@@ -17,7 +17,8 @@ logger = logging.getLogger(__name__)
 
 # The files whose records the checks before training can read.
 CHECKED_SUFFIXES = (".json", ".jsonl", ".txt")
-# The `datasets` builders of those files: their `data_files` are paths relative to the working directory.
+# The `datasets` builders of those files: their `data_files` are local paths (relative to `data_dir` or the
+# working directory), resolved here too.
 LOCAL_FILE_BUILDERS = ("json", "text")
 
 
@@ -33,53 +34,55 @@ def _local(value) -> Path | None:
     return path if path.exists() else None
 
 
-def _sources(args: SftArguments) -> list[tuple[str, str | None, object]]:
-    """(path, data_dir, data_files) of each dataset the run loads: each `datasets:` mixture entry, else
+def _sources(args: SftArguments) -> list[tuple[str, str | None, str | None, object]]:
+    """(path, name, data_dir, data_files) of each dataset the run loads: each `datasets:` mixture entry, else
     `--dataset_name`."""
     if args.dataset.datasets:
-        return [(entry.path, entry.data_dir, entry.data_files) for entry in args.dataset.datasets]
-    return [(args.script.dataset_name, None, None)]
+        return [(entry.path, entry.name, entry.data_dir, entry.data_files) for entry in args.dataset.datasets]
+    return [(args.script.dataset_name, args.script.dataset_config, None, None)]
+
+
+def _patterns(data_files) -> list[str]:
+    if isinstance(data_files, dict):
+        return [p for group in data_files.values() for p in _patterns(group)]
+    if isinstance(data_files, (str, os.PathLike)):
+        return [str(data_files)]
+    return [str(p) for p in data_files or []]
 
 
 def local_data_paths(args: SftArguments) -> list[Path]:
     """The local files and directories the data comes from (what an output must stay out of): each source's
     `path` and `data_files` that exist here, each once."""
     found = []
-    for path, _, files in _sources(args):
+    for path, _, _, files in _sources(args):
         found.append(_local(path))
-        for group in files.values() if isinstance(files, dict) else [files]:
-            found.extend(_local(p) for p in ([group] if isinstance(group, (str, os.PathLike)) else (group or [])))
+        found.extend(_local(pattern) for pattern in _patterns(files))
     return [path for path in dict.fromkeys(found) if path is not None]
 
 
 def local_data_files(args: SftArguments) -> list[Path]:
-    """The local .json/.jsonl/.txt files `datasets.load_dataset` will read for the run, resolved by `datasets`' own
-    rules: a local directory's split patterns (hidden and metadata files left out) or its `data_files`
-    patterns, a local file, or a packaged builder's (`json`, `text`) `data_files` relative to the working
-    directory. A Hub dataset is left to `datasets`.
-
-    Raises:
-        FileNotFoundError: A local `data_files` pattern matches no file (`datasets` would refuse it when loading).
-    """
-    from datasets.data_files import DataFilesDict, get_data_patterns, sanitize_patterns
+    """The local .json/.jsonl/.txt files `datasets.load_dataset` will read for the run, as `datasets` itself
+    resolves them (`load_dataset_builder`: a directory's configs and split names, `data_files` globs, the
+    module's file types; hidden and metadata files left out): for a local directory, and for the `json` and
+    `text` builders over local `data_files`. A local file is itself; a Hub dataset and remote `data_files` (URLs)
+    are left to `datasets`."""
+    from datasets import load_dataset_builder
 
     resolved = []
-    for path, data_dir, files in _sources(args):
-        local = _local(path)
+    for path, name, data_dir, files in _sources(args):
+        if any("://" in pattern for pattern in _patterns(files)):
+            continue
+        local = _local(path) if path not in LOCAL_FILE_BUILDERS else None  # a builder name wins, as in datasets
         if local is not None and local.is_file():
             resolved.append(str(local))
             continue
-        if local is not None:
-            base = local / data_dir if data_dir else local
-            patterns = sanitize_patterns(files) if files else get_data_patterns(str(base))
-        elif path in LOCAL_FILE_BUILDERS and files:
-            base, patterns = Path(data_dir or ""), sanitize_patterns(files)
-        else:
+        if local is None and not (path in LOCAL_FILE_BUILDERS and files):
             continue
-        for split_files in DataFilesDict.from_patterns(patterns, base_path=str(base)).values():
-            resolved.extend(split_files)
+        builder = load_dataset_builder(str(local or path), name=name, data_dir=data_dir, data_files=files)
+        for split_files in (builder.config.data_files or {}).values():
+            resolved.extend(str(file) for file in split_files)
     files = [Path(name) for name in dict.fromkeys(resolved)]
-    return [file for file in files if file.suffix in CHECKED_SUFFIXES]
+    return [file for file in files if file.suffix in CHECKED_SUFFIXES and file.is_file()]
 
 
 def load_dataset(args: SftArguments):

@@ -103,7 +103,16 @@ def _field(record: dict, name: str, index: int, style: str) -> str:
 
 
 def format_longqa(record: dict, fields: LongQAFields | None = None, index: int = 0) -> dict[str, str]:
-    """{material_type, material_content, question, answer} -> {prompt, completion}."""
+    """{material_type, material_content, question, answer} -> {prompt, completion}, in the paper's LongQA prompt.
+
+    Args:
+        record: One LongQA record.
+        fields: The record's field names, where they differ from the defaults.
+        index: The record's number, for errors.
+
+    Raises:
+        ValueError: A field missing or not a string, named with the record.
+    """
     fields = fields or LongQAFields()
     values = {
         key: _field(record, getattr(fields, key), index, "LongQA")
@@ -118,7 +127,17 @@ def format_longalpaca(
     index: int = 0,
     system_prompt: str = LLAMA2_SYSTEM_PROMPT,
 ) -> dict[str, str]:
-    """{instruction, output[, input]} -> {prompt, completion} in Llama-2's [INST] chat format."""
+    """{instruction, output[, input]} -> {prompt, completion} in Llama-2's [INST] chat format.
+
+    Args:
+        record: One LongAlpaca record.
+        fields: The record's field names, where they differ from the defaults.
+        index: The record's number, for errors.
+        system_prompt: The system prompt inside `<<SYS>>` (LongAlpaca's training used Llama-2's).
+
+    Raises:
+        ValueError: A field missing or not a string, named with the record.
+    """
     fields = fields or LongAlpacaFields()
     instruction = _field(record, fields.instruction, index, "LongAlpaca")
     extra = record.get(fields.input, "") if isinstance(record, Mapping) else ""
@@ -141,8 +160,17 @@ def _json_lines(text: str, path: Path) -> list:
 
 
 def read_records(path: str | Path) -> list:
-    """Records from a .json file (a list, or JSON lines as `datasets` also reads them) or a .jsonl file, with
-    errors that name the file and the line."""
+    """Records from a .json file (a list, or JSON lines as `datasets` also reads them) or a .jsonl file.
+
+    Args:
+        path: The file.
+
+    Returns:
+        The records, as read.
+
+    Raises:
+        ValueError: A file that does not read as records, naming the file and the line.
+    """
     path = Path(path)
     raw = path.read_bytes()
     try:
@@ -176,7 +204,15 @@ def check_training_file(path: str | Path, text_field: str = "text") -> None:
     """A local data file as TRL's SFT trainer will need it, checked before training: .txt must be non-empty
     UTF-8; .json/.jsonl must read as records (`read_records`), each a JSON object with the columns TRL's SFT
     takes: a `text_field` string (language modeling), 'messages' (conversational), 'prompt' and 'completion',
-    or 'input_ids' (already tokenized). Other formats (.csv, .parquet...) are left to `datasets`."""
+    or 'input_ids' (already tokenized). Other formats (.csv, .parquet...) are left to `datasets`.
+
+    Args:
+        path: The data file.
+        text_field: TRL's `dataset_text_field`.
+
+    Raises:
+        ValueError: A file or record TRL could not train on (or one with no content at all), naming it.
+    """
     path = Path(path)
     if path.suffix == ".txt":
         raw = path.read_bytes()
@@ -251,7 +287,22 @@ def format_records(
     With a tokenizer and `max_length`, a LongQA material that does not fit is truncated (the end of the
     material is cut; the prompt's frame, the question and the answer are kept) or the record dropped,
     as `too_long` says. LongAlpaca records that do not fit are dropped (cutting them would cut the
-    answer). The returned counts say how many were kept, truncated and dropped.
+    answer).
+
+    Args:
+        records: The records.
+        style: "longqa" or "longalpaca".
+        tokenizer: The model's tokenizer, to measure lengths (None: nothing is measured).
+        max_length: The training length in tokens (None: no limit).
+        too_long: "truncate" or "drop", for a LongQA record longer than `max_length`.
+        fields: The records' field names (`LongQAFields` or `LongAlpacaFields`), where they differ from the
+            defaults.
+
+    Returns:
+        The TRL prompt/completion examples, and the counts kept, truncated and dropped.
+
+    Raises:
+        ValueError: An unknown style or policy, no records, or a bad record (named).
     """
     check_record_format(style)
     check_too_long(too_long)

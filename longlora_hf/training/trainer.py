@@ -23,7 +23,13 @@ class LongLoraSFTTrainer(trl.SFTTrainer):
     every directory `save_model` writes (checkpoints included; a card someone wrote is kept), and from
     `create_model_card` (what `trainer.push_to_hub()` calls) instead of TRL's card; and over a quantized
     base (QLoRA) the LoRA+ embeddings and norms stay in float32 (`keep_lora_plus_in_float32`). Everything
-    else, arguments included, is `SFTTrainer`'s."""
+    else, arguments included, is `SFTTrainer`'s.
+
+    Args:
+        *args: `SFTTrainer`'s (model, args, data, `peft_config`: a `LongLoraConfig` for LongLoRA).
+        callbacks: `SFTTrainer`'s; a `LongLoraCallback` is added when none is among them.
+        **kwargs: `SFTTrainer`'s.
+    """
 
     def __init__(self, *args, callbacks=None, **kwargs):
         callbacks = list(callbacks or [])
