@@ -25,6 +25,7 @@ from .training.arguments import SftArguments, longlora_config, parse_arguments
 from .training.checkpoints import RunFinished, resume_hint, save_model_whole
 from .training.checks import check_arguments, check_run_state
 from .training.data import training_data
+from .training.interrupt import StopOnInterrupt, stop_on_interrupt
 from .training.launch import is_main_process, launched_processes, leave_without_interpreter_teardown, say
 
 
@@ -118,7 +119,14 @@ def train(args: SftArguments, dataset) -> None:
         from .training.sequence_parallel import start_deepspeed_comm
 
         start_deepspeed_comm()
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    interrupt = StopOnInterrupt()
+    trainer.add_callback(interrupt)
+    # one process only: the ranks of a launch could take the signal in different steps and wait for each other
+    taking_sigint = stop_on_interrupt(interrupt) if launched_processes() == 1 else contextlib.nullcontext()
+    with taking_sigint:
+        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    if interrupt.requested:  # stopped early by Ctrl-C: the run is not finished, nothing final is saved
+        raise KeyboardInterrupt
     trainer.accelerator.print("Training completed.")
     save_model_whole(trainer, training_args.output_dir)
     trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")

@@ -1,4 +1,4 @@
-"""The bundled demo model and `longlora-hf demo` (a short run: the real one takes ~4 minutes)."""
+"""The bundled demo model and `longlora-hf demo` (a short run: 2 steps, one document, a stride of 2048)."""
 
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -1037,6 +1038,27 @@ def test_resuming_a_finished_run_says_so_and_changes_nothing(tmp_path, monkeypat
         f"nothing to train: the run in {out / 'checkpoint-2'} has finished (it is at step 2 of --max_steps 2)" in said
     )
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_a_first_ctrl_c_asks_the_trainer_to_stop_after_its_step_and_a_second_interrupts_at_once():
+    """The first SIGINT raises nothing (a KeyboardInterrupt raised inside a finalizer would be lost and training
+    would go on): it sets should_training_stop at the next step end. The second one interrupts."""
+    import signal
+
+    from transformers import TrainerControl
+
+    from longlora_hf.training.interrupt import StopOnInterrupt, stop_on_interrupt
+
+    callback = StopOnInterrupt()
+    with stop_on_interrupt(callback, notice=False):
+        os.kill(os.getpid(), signal.SIGINT)
+        assert callback.requested
+        control = callback.on_step_end(None, None, TrainerControl())
+        assert control.should_training_stop
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_sigint_during_training_stops_with_one_line_and_the_run_resumes_from_its_last_checkpoint(tmp_path):
