@@ -2,10 +2,11 @@
 
 Python raises `KeyboardInterrupt` in whatever frame the main thread is running when SIGINT arrives. Raised inside a
 finalizer (`__del__`, a weakref callback), it is printed as "Exception ignored" and lost, and training goes on: a
-Ctrl-C that does nothing. A run of `longlora-hf sft` therefore takes SIGINT itself while it trains: the first one
-asks the Trainer to stop after the step it is in (a callback sets `should_training_stop`), and the run then ends as
-an interrupted one (no final save, exit 130); a second one raises `KeyboardInterrupt` at once. One process only:
-the ranks of a launch keep Python's handling, since they could stop in different steps and wait for each other.
+Ctrl-C that does nothing (the likely cause of a lost Ctrl-C once seen in CI). A run of `longlora-hf sft` therefore
+takes SIGINT itself while it trains: the first one asks the Trainer to stop after the step it is in (a callback
+sets `should_training_stop`), and the run then ends as an interrupted one (no final save, exit 130); a second one
+raises `KeyboardInterrupt` at once. One process only: the ranks of a launch keep Python's handling, since they could
+stop in different steps and wait for each other.
 """
 
 from __future__ import annotations
