@@ -1050,6 +1050,7 @@ def test_a_first_ctrl_c_asks_the_trainer_to_stop_after_its_step_and_a_second_int
     from longlora_hf.training.interrupt import StopOnInterrupt, stop_on_interrupt
 
     callback = StopOnInterrupt()
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (an xdist worker ignores it)
     with stop_on_interrupt(callback, notice=False):
         os.kill(os.getpid(), signal.SIGINT)
         assert callback.requested
@@ -1059,6 +1060,7 @@ def test_a_first_ctrl_c_asks_the_trainer_to_stop_after_its_step_and_a_second_int
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    signal.signal(signal.SIGINT, outer)
 
 
 def test_sigint_during_training_stops_with_one_line_and_the_run_resumes_from_its_last_checkpoint(tmp_path):
