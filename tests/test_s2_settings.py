@@ -38,7 +38,7 @@ def test_every_longlora_flag_of_sft_has_the_type_of_its_config_field():
     import typing
 
     flags, config = typing.get_type_hints(LongLoraArguments), typing.get_type_hints(LongLoraConfig)
-    assert len(CONFIG_FLAGS) == 9
+    assert len(CONFIG_FLAGS) == 10
     for name in CONFIG_FLAGS:
         assert flags[name] == config[name], name
 
@@ -64,10 +64,13 @@ def test_sft_flags_reach_the_config():
         "yarn",
         "--lora_r",
         "4",
+        "--mlp_tile_size",
+        "2048",
     ]
     config = longlora_config(SftArguments(*parser.parse_args_and_config(args=args, fail_with_unknown_args=True)))
     assert (config.group_size, config.shift, config.inner_attn_implementation) == (64, False, "flash_attention_2")
     assert (config.rope_type, config.r, config.target_context_length) == ("yarn", 4, 4096)
+    assert config.mlp_tile_size == 2048
 
 
 def with_loaded_attention(model, implementation):
@@ -142,5 +145,5 @@ def test_every_recipe_parses_into_a_longlora_config_with_its_s2_settings(recipe)
         args=["--config", recipe, "--use_cpu", "--bf16", "false"], fail_with_unknown_args=True
     )
     config = longlora_config(SftArguments(*parsed))
-    for name in ("group_size_ratio", "shift", "inner_attn_implementation"):
+    for name in ("group_size_ratio", "shift", "inner_attn_implementation", "mlp_tile_size"):
         assert getattr(config, name) == keys.get(name, getattr(LongLoraConfig(), name)), name

@@ -11,6 +11,7 @@ is in test_training_sft.py.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -73,7 +74,7 @@ def single_process(name: str) -> tuple[float, dict[str, torch.Tensor], dict[str,
     """Loss and gradients of the first step in one process, and for a `trains` case the evaluation logits of each
     of `eval_batches` after two SGD steps."""
     case = CASES[name]
-    model = build_model(case)
+    model = build_model(case, reference=True)
     loss = grads = None
     for step in range(2 if case.trains else 1):
         step_loss = model(**reference_inputs(train_batch(case))).loss
@@ -108,10 +109,13 @@ def worker_logits(tensors: dict[str, torch.Tensor], case) -> dict[str, torch.Ten
     "name", [n for n in TWO_PROCESS_CASES + THREE_PROCESS_CASES if not CASES[n].ignore_head_offset]
 )
 def test_s2_under_sequence_parallelism_gives_the_single_process_loss_and_gradients(runs, name):
-    """MHA, GQA, MQA; one whole row, packed documents, right padding; reentrant gradient checkpointing; and 6 heads
-    over 3 ranks, where rank 1 holds one unshifted and one shifted head."""
+    """MHA, GQA, MQA; one whole row, packed documents, right padding; reentrant gradient checkpointing, also with
+    LongLoRA's tiled MLP (against one process untiled); and 6 heads over 3 ranks, where rank 1 holds one unshifted
+    and one shifted head."""
     facts, tensors = result(runs, name)
     assert facts["processes"] == (3 if name in THREE_PROCESS_CASES else 2)  # the ranks really ran together
+    if CASES[name].mlp_tile_size:  # the MLPs really ran in tiles
+        assert facts["largest_mlp_call"] <= CASES[name].mlp_tile_size
     loss, grads, _ = single_process(name)
     assert abs(facts["loss"] - loss) < 1e-5 * abs(loss)
     assert set(grads) <= set(tensors)
@@ -279,7 +283,9 @@ def history(out: Path) -> tuple[list[dict], dict]:
 def test_sft_with_sp_size_2_under_zero2_and_zero3_trains_as_one_process(tmp_path):
     """The same batches of 2 rows (one padded) trained by one process and by two processes each holding half of
     every row: the same loss at every step, the same evaluation, the same adapter. The gradient is the same up to
-    DeepSpeed's factor: 2x under ZeRO-2 (seen in the logged gradient norm), 1x under ZeRO-3."""
+    DeepSpeed's factor: 2x under ZeRO-2 (seen in the logged gradient norm), 1x under ZeRO-3. The ZeRO-3 run also
+    tiles the MLP (tiles of 64 of each rank's 256 tokens, under TRL's gradient checkpointing), against the one
+    process untiled."""
     from test_training_sft import logits_of
 
     rows_of_different_lengths(tmp_path / "data")
@@ -288,10 +294,12 @@ def test_sft_with_sp_size_2_under_zero2_and_zero3_trains_as_one_process(tmp_path
     expected_steps, expected_eval = history(single_out)
     expected_logits = logits_of(single_out)
     for zero, factor in (("zero2", 2.0), ("zero3", 1.0)):
-        result, out = sft(tmp_path, zero, accelerate(f"cpu_deepspeed_{zero}"), ["--sp_size", "2"])
+        tiles = ["--mlp_tile_size", "64"] if zero == "zero3" else []
+        result, out = sft(tmp_path, zero, accelerate(f"cpu_deepspeed_{zero}"), ["--sp_size", "2", *tiles])
         assert result.returncode == 0, result.stderr[-3000:]
         report = result.stdout + result.stderr
         assert f"2 processes (this is rank 0), data-parallel 1, ZeRO stage {zero[-1]}, sequence-parallel 2" in report
+        assert ("MLP in tiles of 64 tokens (4 layers)" in report) == bool(tiles)
         steps, evaluation = history(out)
         assert len(steps) == len(expected_steps) == 3
         for step, expected in zip(steps, expected_steps):
@@ -304,6 +312,23 @@ def test_sft_with_sp_size_2_under_zero2_and_zero3_trains_as_one_process(tmp_path
             # ZeRO-2's gradient is 2.0003x (its norm, at every step; the same with dense attention: DeepSpeed's, not
             # S2's), and Adam turns that into a 0.025 logit difference after 3 steps: README, sequence parallelism
             torch.testing.assert_close(logits_of(out), expected_logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.distributed
+def test_zero3_over_two_data_parallel_ranks_with_rows_of_other_lengths_runs_the_tiled_mlp(tmp_path):
+    """Each rank trains its own row, of another length than the other's, so its MLPs would run another number of
+    tiles; ZeRO-3 gathers a layer's weights at every call, collectively, so the ranks agree on the number of tiles
+    (without it they wait for each other's gathers). Tiles of 16 tokens over rows of ~100-260 tokens."""
+    rows_of_different_lengths(tmp_path / "data")
+    flags = ["--per_device_train_batch_size", "1", "--mlp_tile_size", "16", "--eval_strategy", "no"]
+    result, out = sft(tmp_path, "zero3", accelerate("cpu_deepspeed_zero3"), flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = result.stdout + result.stderr
+    assert "2 processes (this is rank 0), data-parallel 2, ZeRO stage 3" in report
+    assert "MLP in tiles of 16 tokens (4 layers)" in report
+    state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
+    losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+    assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
 
 
 @pytest.mark.distributed
@@ -373,10 +398,11 @@ def test_deepspeed_wraps_the_attention_the_model_runs(configured, model_runs, wr
     assert config.sp_handler.sp_attn_implementation == wrapped
 
 
-def test_the_256k_recipe_splits_llama_3_1_8b_over_its_ranks():
+@pytest.mark.parametrize("recipe", ["llama3_1_8b_256k_sp8.yaml", "llama3_1_8b_1m_sp8.yaml"])
+def test_the_long_recipes_split_llama_3_1_8b_over_their_ranks(recipe):
     import yaml
 
-    recipe = yaml.safe_load((ROOT / "trainer_configs" / "recipes" / "llama3_1_8b_256k_sp8.yaml").read_text())
+    recipe = yaml.safe_load((ROOT / "trainer_configs" / "recipes" / recipe).read_text())
     llama_3_1_8b = tiny_config("llama", num_attention_heads=32, num_key_value_heads=8, hidden_size=32 * 8)
     check_sequence_parallel_heads(llama_3_1_8b, recipe["sp_size"])
     assert (

@@ -20,7 +20,7 @@ from longlora_hf.training import LongLoraCallback, LongLoraSFTTrainer
 from support.helpers import tiny_model
 
 
-def sft_trainer(tmp_path, tokenizer, peft_config, callback, max_length=128, steps=2):
+def sft_trainer(tmp_path, tokenizer, peft_config, callback, max_length=128, steps=2, **arguments):
     rows = torch.randint(4, 128, (4, max_length), generator=torch.Generator().manual_seed(0)).tolist()
     arguments = SFTConfig(
         output_dir=str(tmp_path),
@@ -33,6 +33,7 @@ def sft_trainer(tmp_path, tokenizer, peft_config, callback, max_length=128, step
         use_cpu=True,
         logging_steps=1,
         disable_tqdm=True,
+        **arguments,
     )
     return SFTTrainer(
         model=tiny_model("llama"),
@@ -56,6 +57,26 @@ def test_the_report_says_what_runs_and_is_logged_once(tmp_path, tiny_tokenizer, 
     assert report.trainable["LoRA"] == 2 * (8 * (32 + 32) * 2 + 8 * (32 + 16) * 2) and "other" not in report.trainable
     messages = [r.getMessage() for r in caplog.records if r.getMessage().startswith("LongLoRA:")]
     assert messages == [str(report)] and "4 groups" in messages[0]
+
+
+def test_trls_trainer_with_its_fused_loss_trains_the_tiled_mlp_as_the_untiled_one(tmp_path, tiny_tokenizer):
+    """SFTTrainer's own path (its fused LM head, gradient checkpointing) with MLP tiles of 16 tokens: the report says
+    so, and the losses and trained weights are those of the same run untiled."""
+    runs = {}
+    for tile in (None, 16):
+        callback = LongLoraCallback()
+        config = LongLoraConfig(target_context_length=512, mlp_tile_size=tile)
+        trainer = sft_trainer(tmp_path / str(tile), tiny_tokenizer, config, callback, gradient_checkpointing=True)
+        trainer.train()
+        assert trainer.model.get_base_model().is_gradient_checkpointing
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+        runs[tile] = (callback.report, losses, weights)
+    (untiled, expected_losses, expected), (tiled, losses, weights) = runs[None], runs[16]
+    assert untiled.mlp_tiles is None and tiled.mlp_tiles == (16, 2) and "MLP in tiles of 16 tokens" in str(tiled)
+    assert len(losses) == 2 and losses == pytest.approx(expected_losses, rel=1e-5)
+    for name, weight in expected.items():
+        torch.testing.assert_close(weights[name], weight, rtol=1e-4, atol=1e-6, msg=name)
 
 
 # Architectures whose input embedding or norms are named without "embed"/"norm", beside two that are not.

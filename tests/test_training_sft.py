@@ -753,6 +753,7 @@ def test_a_zero3_run_resumed_from_its_checkpoint_ends_with_the_uninterrupted_ada
         (["--lora_r", "0"], "--lora_r must be at least 1; got 0"),
         (["--lora_dropout", "1.5"], "--lora_dropout must be in [0, 1); got 1.5"),
         (["--group_size_ratio", "0"], "group_size_ratio"),
+        (["--mlp_tile_size", "0"], "mlp_tile_size=0 is not a number of tokens"),
         (["--target_context_length", "100"], "--target_context_length 100 is below --max_length 1024"),
     ],
     ids=lambda value: "_".join(value) if isinstance(value, list) else None,
@@ -762,6 +763,16 @@ def test_every_numeric_flag_is_checked_before_anything_is_loaded(tmp_path, monke
     error = refused(["sft", "--config", RECIPE, "--output_dir", str(tmp_path / "out"), *flags], capsys)
     assert error.startswith("longlora-hf sft: error:") and message in error, error
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.accelerator.current_accelerator() is not None, reason="offloading works where a GPU is")
+def test_activation_offloading_without_a_gpu_is_refused_before_anything_is_loaded(tmp_path, monkeypatch, capsys):
+    """TRL's offloader cannot be built where torch sees no accelerator: it would fail once the model is loaded."""
+    monkeypatch.chdir(ROOT)
+    flags = ["--activation_offloading", "true", "--output_dir", str(tmp_path / "out")]
+    error = refused(["sft", "--config", RECIPE, *flags], capsys)
+    assert "--activation_offloading moves saved activations from the GPU to CPU memory" in error, error
+    assert "--mlp_tile_size" in error and not (tmp_path / "out").exists()
 
 
 def plain_recipe(tmp_path: Path, content: bytes, suffix: str = ".jsonl") -> str:

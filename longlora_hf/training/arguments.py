@@ -81,6 +81,7 @@ class LongLoraArguments:
     group_size: int | None = config_flag("group_size")
     shift: bool = config_flag("shift")
     inner_attn_implementation: str | None = config_flag("inner_attn_implementation")
+    mlp_tile_size: int | None = config_flag("mlp_tile_size")
     trainable_embeddings: bool = config_flag("trainable_embeddings")
     trainable_norms: bool = config_flag("trainable_norms")
 

@@ -12,7 +12,7 @@ from transformers import TrainerCallback
 
 from ..attention import S2_ATTN_IMPLEMENTATION, S2AttentionSettings
 from ..position_interpolation import context_length, describe_rope, rope_parameters_of
-from ..tuner import is_input_embedding, is_normalization, longlora_config_of
+from ..tuner import TiledMLP, is_input_embedding, is_normalization, longlora_config_of
 from .launch import DistributedSetup, check_launch
 from .precision import precision, slow_bf16_warning
 from .sequence_parallel import prepare_sequence_parallel
@@ -36,6 +36,7 @@ class LongLoraReport:
     distributed: DistributedSetup | None = None
     quantization: str | None = None  # of the base model, e.g. "bitsandbytes 4-bit nf4 (compute float32)"
     precision: str | None = None  # e.g. "no autocast, float32 weights"; "bf16 autocast (emulated on this CPU: slow)"
+    mlp_tiles: tuple[int, int] | None = None  # (tokens per tile, MLPs tiled) when LongLoRA's tiled MLP runs
 
     def __str__(self) -> str:
         attention = "S2-Attn off (dense attention)"
@@ -47,10 +48,17 @@ class LongLoraReport:
         return (
             f"LongLoRA: {attention}; context {self.context_length} tokens (extended x"
             f"{self.position_interpolation_factor:g}, RoPE {self.rope}); trainable parameters: {counts}"
+            + (f"; MLP in tiles of {self.mlp_tiles[0]} tokens ({self.mlp_tiles[1]} layers)" if self.mlp_tiles else "")
             + (f"; base quantized: {self.quantization}" if self.quantization else "")
             + (f"; precision: {self.precision}" if self.precision else "")
             + (f"; launch: {self.distributed}" if self.distributed is not None else "")
         )
+
+
+def _mlp_tiles(model: nn.Module) -> tuple[int, int] | None:
+    """(tokens per tile, MLPs tiled) of LongLoRA's tiled MLP in `model`, or None when no MLP is tiled."""
+    tiled = [module.tile_size for module in model.modules() if isinstance(module, TiledMLP)]
+    return (max(tiled), len(tiled)) if tiled else None
 
 
 def _trainable_by_kind(model: nn.Module) -> dict[str, int]:
@@ -168,6 +176,7 @@ class LongLoraCallback(TrainerCallback):
             distributed,
             _quantization(base.config),
             ran,
+            _mlp_tiles(model),
         )
         if state.is_world_process_zero:
             logger.warning(str(self.report))

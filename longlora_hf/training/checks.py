@@ -38,6 +38,8 @@ def check_arguments(args: SftArguments) -> None:
     if args.longlora.longlora:
         longlora_config(args)  # validates the LongLoRA flags
         check_context_covers_max_length(args.longlora.target_context_length, args.training.max_length)
+    if args.training.activation_offloading:
+        check_activation_offloading()
     if args.model.load_in_4bit or args.model.load_in_8bit:
         check_bitsandbytes("--load_in_4bit" if args.model.load_in_4bit else "--load_in_8bit")
     if args.model.model_name_or_path is None:
@@ -116,6 +118,19 @@ def check_context_covers_max_length(target_context_length: int | None, max_lengt
             f"--target_context_length {target_context_length} is below --max_length {max_length}: the model would "
             f"train on sequences longer than its context. Set --target_context_length {max_length} or more (unset, it "
             "is max_length), or lower --max_length."
+        )
+
+
+def check_activation_offloading() -> None:
+    """TRL's `--activation_offloading` moves saved activations from an accelerator to CPU memory; its offloader
+    cannot be built where torch sees no accelerator (it fails when the Trainer starts, after the model is loaded)."""
+    import torch
+
+    if torch.accelerator.current_accelerator() is None:
+        raise ValueError(
+            "--activation_offloading moves saved activations from the GPU to CPU memory, but torch sees no GPU (or "
+            "other accelerator) here: TRL's offloader would fail when training starts. Drop --activation_offloading; "
+            "on the CPU, --mlp_tile_size and --gradient_checkpointing are what lower the memory (docs/memory.md)."
         )
 
 

@@ -22,6 +22,7 @@ from .model import (
     prepare_model_for_longlora,
 )
 from .registration import register_tuner
+from .tiled_mlp import TiledMLP, tile_mlps, untile_mlps
 
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "PositionInterpolation",
     "TiedModulesToSaveWrapper",
     "TiedOutputHead",
+    "TiledMLP",
     "apply_position_interpolation",
     "check_adapter_fits",
     "check_adapter_weights",
@@ -44,4 +46,6 @@ __all__ = [
     "prepare_model_for_longlora",
     "register_tuner",
     "save_as_plain_lora",
+    "tile_mlps",
+    "untile_mlps",
 ]

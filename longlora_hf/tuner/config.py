@@ -10,6 +10,7 @@ from peft.utils import PeftType
 from ..attention import S2AttentionSettings, inner_attn_implementation_for, s2_field
 from ..model_card import write_model_card
 from ..position_interpolation import check_rope_type, check_target_context_length
+from .tiled_mlp import check_mlp_tile_size
 
 
 S2_SETTINGS_FIELDS = tuple(f.name for f in fields(S2AttentionSettings))
@@ -89,6 +90,15 @@ class LongLoraConfig(LoraConfig):
         help_prefix="None (default): the attention the model was loaded with, 'flash_attention_2' staying flash-attn "
         "and anything else 'sdpa'. ",
     )
+    mlp_tile_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Run each decoder layer's dense MLP in tiles of this many tokens while training, each tile "
+            "recomputed in the backward pass, so the MLP's intermediate activations exist for one tile at a time "
+            "(memory for long sequences; gradients unchanged). None (default): untiled. Mixture-of-experts blocks "
+            "are not tiled. docs/memory.md."
+        },
+    )
     trainable_embeddings: bool = field(
         default=True,
         metadata={"help": "Train and save the input embedding (LoRA+). Paper Table 3: needed for long context."},
@@ -127,6 +137,7 @@ class LongLoraConfig(LoraConfig):
         if self.target_context_length is not None:
             check_target_context_length(self.target_context_length)
         check_rope_type(self.rope_type)
+        check_mlp_tile_size(self.mlp_tile_size)
         self.s2_attention_settings()  # validates every S2 field
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:

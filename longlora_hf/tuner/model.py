@@ -29,6 +29,7 @@ from ..position_interpolation import (
     set_rope_parameters,
 )
 from .config import S2_SETTINGS_FIELDS, LongLoraConfig
+from .tiled_mlp import tile_mlps, untile_mlps
 
 
 def attention_projection_names(model: nn.Module) -> list[str]:
@@ -424,6 +425,7 @@ class LongLoraModel(LoraModel):
         """Merge LoRA and the LoRA+ modules into a plain transformers model with dense attention, keeping the
         position extension the adapters were trained with (the merged model is the long-context model)."""
         model = super().merge_and_unload(*args, **kwargs)
+        untile_mlps(model)
         if model.config._attn_implementation == S2_ATTN_IMPLEMENTATION:
             leave_s2_attention(model)
         for config in {
@@ -448,6 +450,7 @@ class LongLoraModel(LoraModel):
                     module.original_module,
                 )
         model = super().unload()
+        untile_mlps(model)
         self.base_state.restore(model)
         return model
 
@@ -455,6 +458,7 @@ class LongLoraModel(LoraModel):
         """Delete an adapter; deleting the last LongLoRA adapter gives the base model its own state back."""
         super().delete_adapter(adapter_name)
         if not any(isinstance(config, LongLoraConfig) for config in self.peft_config.values()):
+            untile_mlps(self.model)
             self.base_state.restore(self.model)
 
     def disable_adapter_layers(self) -> None:
@@ -543,6 +547,8 @@ def prepare_model_for_longlora(model: nn.Module, config: LongLoraConfig, base: B
     if config.target_context_length is not None:
         extend_positions(model, config, base or BaseModelState.of(model))
     apply_attention(model, config)
+    if config.mlp_tile_size is not None and not config.inference_mode:
+        tile_mlps(model, config.mlp_tile_size)
 
 
 def apply_attention(model: nn.Module, config: LongLoraConfig) -> None:

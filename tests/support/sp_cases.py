@@ -27,6 +27,7 @@ class Case:
     checkpointing: bool = False  # reentrant gradient checkpointing (what TRL forces for PEFT under ZeRO-3)
     trains: bool = False  # two SGD steps, then evaluation and the adapter
     ignore_head_offset: bool = False  # the negative control: every rank places its heads as if it held the first ones
+    mlp_tile_size: int | None = None  # LongLoRA's tiled MLP in the multi-process run (the reference runs untiled)
 
     @property
     def batch(self) -> int:
@@ -38,6 +39,8 @@ CASES = {
     "gqa-packed": Case("llama", "packed"),
     "mqa-padded": Case("llama-mqa", "padded"),
     "gqa-checkpointed": Case("llama", "packed", checkpointing=True),
+    # 48 tokens per rank in MLP tiles of 10 (the last one short), under reentrant checkpointing
+    "gqa-tiled-checkpointed": Case("llama", "packed", checkpointing=True, mlp_tile_size=10),
     "gqa-packed-ignoring-head-offset": Case("llama", "packed", ignore_head_offset=True),
     "gqa-trains": Case("llama", "padded", trains=True),
     # 6 query heads over 3 ranks: rank 1 holds heads 2 (unshifted) and 3 (shifted); 3 kv heads, one per rank
@@ -48,17 +51,25 @@ TWO_PROCESS_CASES = [
     "gqa-packed",
     "mqa-padded",
     "gqa-checkpointed",
+    "gqa-tiled-checkpointed",
     "gqa-trains",
     "gqa-packed-ignoring-head-offset",
 ]
 THREE_PROCESS_CASES = ["six-heads-padded"]
 
 
-def build_model(case: Case):
-    """The tiny model as a LongLoRA PEFT model (S2 on), LoRA B random so that every LoRA weight has a gradient."""
+def build_model(case: Case, reference: bool = False):
+    """The tiny model as a LongLoRA PEFT model (S2 on), LoRA B random so that every LoRA weight has a gradient; the
+    case's MLP tiles, except for the `reference` (the single-process run the others are compared with)."""
     model = tiny_model(case.architecture, **case.overrides)
     torch.manual_seed(1)
-    model = get_peft_model(model, LongLoraConfig(target_context_length=256, lora_dropout=0.0, init_lora_weights=False))
+    config = LongLoraConfig(
+        target_context_length=256,
+        lora_dropout=0.0,
+        init_lora_weights=False,
+        mlp_tile_size=None if reference else case.mlp_tile_size,
+    )
+    model = get_peft_model(model, config)
     if case.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
         model.enable_input_require_grads()

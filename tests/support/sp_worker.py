@@ -59,6 +59,7 @@ def main(out: Path, names: list[str]) -> None:
     for name in names:
         case = CASES[name]
         model = build_model(case)
+        mlp_calls = record_mlp_calls(model)
         group = register_sequence_parallel(model, case, size)
         # the negative control: as "s2" was before it knew which heads a rank holds
         s2_module.heads_held = (lambda config, heads_here: (0, heads_here)) if case.ignore_head_offset else heads_held
@@ -85,6 +86,7 @@ def main(out: Path, names: list[str]) -> None:
                     grads[parameter_name] = parameter.grad
             if step == 0:
                 results["loss"] = loss.item()
+                results["largest_mlp_call"] = max(mlp_calls, default=None)
                 tensors.update({f"grad.{k}": v.clone() for k, v in grads.items()})
             if case.trains:
                 sgd_step(model)
@@ -99,6 +101,17 @@ def main(out: Path, names: list[str]) -> None:
             (out / f"{name}.json").write_text(json.dumps(results))
             save_file({k: v.contiguous() for k, v in tensors.items()}, out / f"{name}.safetensors")
         dist.barrier()
+
+
+def record_mlp_calls(model) -> list[int]:
+    """The number of tokens each call of a tiled MLP receives (empty when no MLP is tiled)."""
+    from longlora_hf.tuner.tiled_mlp import TiledMLP
+
+    calls = []
+    for module in model.modules():
+        if isinstance(module, TiledMLP):
+            module.mlp.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[:-1].numel()))
+    return calls
 
 
 def combined_loss(model, local, group) -> torch.Tensor:
