@@ -15,14 +15,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import example, sft
+from . import example, real_model, sft
 from .demo import cli as demo_cli
 from .hub import cli as hub_cli
 from .metrics import cli as metrics_cli
 from .training import cli as training_cli
 
 
-COMMANDS = (example, demo_cli, sft, training_cli, hub_cli, metrics_cli)
+COMMANDS = (example, demo_cli, sft, training_cli, hub_cli, real_model, metrics_cli)
 """The modules whose `register(subparsers)` adds `longlora-hf` commands, in the order `--help` lists them."""
 
 

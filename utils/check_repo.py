@@ -122,7 +122,7 @@ def check_no_trust_remote_code_and_no_pickle(package: Package) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------------- the commands
 
-EXPECTED_COMMANDS = {"example", "demo", "sft", "format", "merge", "convert-reference", "eval"}
+EXPECTED_COMMANDS = {"example", "demo", "sft", "format", "merge", "convert-reference", "convert-gguf", "eval"}
 """The commands of `longlora-hf`. A new command is added here, to its module's `register` and to `cli.COMMANDS`."""
 
 STATED_TIME = re.compile(r"~\s*\d|\b\d+(\.\d+)?\s*(min|mins|minutes|minute|s|sec|seconds)\b|about a minute")
@@ -231,7 +231,7 @@ LAYERS = (
     ("attention",),  # the "s2" backend
     ("tuner",),  # LongLoraConfig: position interpolation + S2 + the card it writes on save
     ("training", "hub", "metrics"),  # built on the tuner; metrics' eval command reads training's records
-    ("demo", "sft", "example"),  # end-to-end programs
+    ("demo", "sft", "example", "real_model"),  # end-to-end programs
     ("cli",),
     ("longlora_hf",),  # the package __init__: registration, the public names
 )

@@ -1,4 +1,5 @@
-"""The long-context report: a printed table, JSON, and PNG plots (perplexity by length, passkey heat map)."""
+"""The long-context report: printed tables, JSON, and PNG plots (perplexity by length, passkey and RULER heat
+maps)."""
 
 from __future__ import annotations
 
@@ -29,12 +30,12 @@ def _pyplot():
     return plt
 
 
-def context_length_table(rows: dict[str, dict[int, float]]) -> str:
-    """rows: {model name: {context length: value}} -> a fixed-width table, one column per context length;
-    the values (perplexity, passkey accuracy) with two decimals."""
+def context_length_table(rows: dict[str, dict[int, float]], first_column: str = "model") -> str:
+    """rows: {name: {context length: value}} -> a fixed-width table, one column per context length after the
+    names' (headed `first_column`); the values (perplexity, passkey accuracy, RULER scores) with two decimals."""
     lengths = sorted({length for row in rows.values() for length in row})
     width = max([len(name) for name in rows] + [5]) + 2
-    lines = [f"{'model':<{width}}" + "".join(f"{length:>10}" for length in lengths)]
+    lines = [f"{first_column:<{width}}" + "".join(f"{length:>10}" for length in lengths)]
     for name, row in rows.items():
         lines.append(
             f"{name:<{width}}"
@@ -77,6 +78,67 @@ def plot_passkey(accuracy: dict[int, dict[float, float]], path: str | Path, titl
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return Path(path)
+
+
+def ruler_table(result: dict) -> str:
+    """One RULER result (`ruler_evaluation`'s) as a table: a row per task and the average, a column per length, then
+    the effective length."""
+    rows = {task: by_length for task, by_length in result["scores"].items()}
+    rows["average"] = result["average"]
+    found = result["effective_length"]
+    effective = f"effective length: {found if found is not None else 'none'} (threshold {result['threshold']})"
+    return context_length_table(rows, "task") + "\n" + effective
+
+
+def plot_ruler(result: dict, path: str | Path, title: str = "RULER") -> Path:
+    """A heat map of one RULER result: tasks and their average by length, scores 0-100."""
+    plt = _pyplot()
+    lengths = sorted(result["average"])
+    names = [*result["scores"], "average"]
+    grid = [[(result["scores"].get(name) or result["average"])[length] for length in lengths] for name in names]
+    figure, axis = plt.subplots(figsize=(7, 0.45 * len(names) + 1.5))
+    image = axis.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
+    axis.set_xticks(range(len(lengths)), [str(length) for length in lengths])
+    axis.set_yticks(range(len(names)), names)
+    for row, values in enumerate(grid):
+        for column, value in enumerate(values):
+            axis.text(column, row, f"{value:.0f}", ha="center", va="center", fontsize=8)
+    axis.set_xlabel("context length (tokens)")
+    axis.set_title(f"{title} (effective length: {result['effective_length']})")
+    figure.colorbar(image, label="score")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return Path(path)
+
+
+def regression_lines(reports: list[dict]) -> list[str]:
+    """The short-context regression of each model against the first (the base, before extension): perplexity at
+    the shortest evaluated length and, with RULER, the average score at its shortest length."""
+
+    def name(report: dict) -> str:
+        return report["model"] if report.get("adapter") is None else f"{report['model']} + {report['adapter']}"
+
+    lines = []
+    base = reports[0]
+    for report in reports[1:]:
+        perplexity, reference = report["perplexity"]["by_context_length"], base["perplexity"]["by_context_length"]
+        length = min(set(perplexity) & set(reference))
+        ours, theirs = perplexity[length]["perplexity"], reference[length]["perplexity"]
+        lines.append(
+            f"short-context regression of {name(report)} against {name(base)} at {length} tokens: perplexity "
+            f"{ours:.2f} vs {theirs:.2f} ({100 * (ours / theirs - 1):+.1f}%)"
+        )
+        if "ruler" in report and "ruler" in base:
+            shared = set(report["ruler"]["average"]) & set(base["ruler"]["average"])
+            if shared:
+                length = min(shared)
+                ours, theirs = report["ruler"]["average"][length], base["ruler"]["average"][length]
+                lines.append(
+                    f"short-context regression of {name(report)} against {name(base)} at {length} tokens: RULER "
+                    f"average {ours:.1f} vs {theirs:.1f} ({ours - theirs:+.1f} points)"
+                )
+    return lines
 
 
 def write_json(data: dict, path: str | Path) -> Path:
