@@ -71,6 +71,19 @@ def passkey_prompt(tokenizer, context_length: int, depth: float, key: str) -> st
     )
 
 
+def greedy_continuation(model, tokenizer, ids: torch.Tensor, max_new_tokens: int) -> str:
+    """The text `model` generates greedily after the prompt `ids` (one row), special tokens left out."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    output = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=pad,
+    )
+    return tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True)
+
+
 def answer_is_correct(continuation: str, key: str) -> bool:
     """The first number the model produces is the key."""
     found = re.search(r"\d+", continuation)
@@ -131,16 +144,7 @@ def passkey_retrieval(
                     device
                 )
                 answer_tokens = len(tokenizer(" " + key, add_special_tokens=False)["input_ids"])
-                output = model.generate(
-                    input_ids=ids,
-                    attention_mask=torch.ones_like(ids),
-                    max_new_tokens=answer_tokens + 2,
-                    do_sample=False,
-                    pad_token_id=tokenizer.pad_token_id
-                    if tokenizer.pad_token_id is not None
-                    else tokenizer.eos_token_id,
-                )
-                continuation = tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True)
+                continuation = greedy_continuation(model, tokenizer, ids, answer_tokens + 2)
                 ok = answer_is_correct(continuation, key)
                 correct += ok
                 records.append(

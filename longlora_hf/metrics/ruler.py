@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
+from .passkey import greedy_continuation
 from .perplexity import check_context_lengths
 
 
@@ -444,7 +445,6 @@ def ruler_evaluation(
             rng = random.Random(f"{seed}:{task}:{length}")
             prompts[task, length] = [make_sample(task, tokenizer, length, rng, haystack, chat) for _ in range(samples)]
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     was_training = model.training
     model.eval()
     scores, records = {}, []
@@ -455,14 +455,8 @@ def ruler_evaluation(
                 ids = tokenizer(sample.prompt, return_tensors="pt", add_special_tokens=not chat)["input_ids"].to(
                     device
                 )
-                output = model.generate(
-                    input_ids=ids,
-                    attention_mask=torch.ones_like(ids),
-                    max_new_tokens=min(sample.max_new_tokens, max_new_tokens or sample.max_new_tokens),
-                    do_sample=False,
-                    pad_token_id=pad,
-                )
-                prediction = tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True)
+                budget = min(sample.max_new_tokens, max_new_tokens or sample.max_new_tokens)
+                prediction = greedy_continuation(model, tokenizer, ids, budget)
                 predictions.append(prediction)
                 references.append(sample.references)
                 record = asdict(sample)
