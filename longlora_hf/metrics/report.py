@@ -104,7 +104,8 @@ def plot_ruler(result: dict, path: str | Path, title: str = "RULER") -> Path:
         for column, value in enumerate(values):
             axis.text(column, row, f"{value:.0f}", ha="center", va="center", fontsize=8)
     axis.set_xlabel("context length (tokens)")
-    axis.set_title(f"{title} (effective length: {result['effective_length']})")
+    found = result["effective_length"]
+    axis.set_title(f"{title} (effective length: {found if found is not None else 'none'})")
     figure.colorbar(image, label="score")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
