@@ -68,11 +68,11 @@ def load(model_dir: Path):
     return model, AutoTokenizer.from_pretrained(model_dir)
 
 
-def documents(split: str) -> list[str]:
+def finetune_documents() -> list[str]:
     from longlora_hf.demo import ASSETS
     from longlora_hf.demo.corpus import read_split
 
-    return [record["text"] for record in read_split(ASSETS / f"{split}.jsonl.gz")]
+    return [record["text"] for record in read_split(ASSETS / "finetune.jsonl.gz")]
 
 
 @torch.no_grad()
@@ -106,8 +106,9 @@ def perplexity_by_length(model, windows: list[torch.Tensor], lengths: list[int])
 
 def evaluation_windows(tokenizer, length: int, count: int) -> list[torch.Tensor]:
     from longlora_hf.metrics.perplexity import token_stream
+    from longlora_hf.real_model import local_text
 
-    stream = token_stream(tokenizer, documents("eval"))
+    stream = token_stream(tokenizer, local_text())
     if stream.numel() < count * length:
         raise SystemExit(f"the held-out text has {stream.numel()} tokens: fewer than {count} windows of {length}")
     step = stream.numel() // count
@@ -142,7 +143,7 @@ def fine_tune(model, tokenizer, method: str, args) -> dict:
     from longlora_hf.metrics.perplexity import token_stream
     from longlora_hf.training import LongLoraCallback
 
-    stream = token_stream(tokenizer, documents("finetune"))
+    stream = token_stream(tokenizer, finetune_documents())
     length = args.train_length
     rows = [stream[i : i + length].tolist() for i in range(0, stream.numel() - length + 1, length)]
     budget = TimeBudget(args.time_budget)

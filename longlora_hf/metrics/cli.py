@@ -230,7 +230,7 @@ def evaluate_models(args, adapters: list[str], data: dict, out: Path, haystack: 
         )
         name = path if adapter is None else f"{path} + {adapter}"
         rows[name] = {length: row["perplexity"] for length, row in result["by_context_length"].items()}
-        report = {"model": path, "adapter": adapter, "perplexity": result}
+        report = {"model": path, "adapter": adapter, "name": name, "perplexity": result}
         if args.passkey_depths:
             passkey = passkey_retrieval(
                 model, tokenizer, args.lengths, args.passkey_depths, args.passkey_trials, args.seed

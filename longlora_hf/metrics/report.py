@@ -115,11 +115,8 @@ def plot_ruler(result: dict, path: str | Path, title: str = "RULER") -> Path:
 
 def regression_lines(reports: list[dict]) -> list[str]:
     """The short-context regression of each model against the first (the base, before extension): perplexity at
-    the shortest evaluated length and, with RULER, the average score at its shortest length."""
-
-    def name(report: dict) -> str:
-        return report["model"] if report.get("adapter") is None else f"{report['model']} + {report['adapter']}"
-
+    the shortest evaluated length and, with RULER, the average score at its shortest length. Each report names its
+    model under "name"."""
     lines = []
     base = reports[0]
     for report in reports[1:]:
@@ -127,7 +124,7 @@ def regression_lines(reports: list[dict]) -> list[str]:
         length = min(set(perplexity) & set(reference))
         ours, theirs = perplexity[length]["perplexity"], reference[length]["perplexity"]
         lines.append(
-            f"short-context regression of {name(report)} against {name(base)} at {length} tokens: perplexity "
+            f"short-context regression of {report['name']} against {base['name']} at {length} tokens: perplexity "
             f"{ours:.2f} vs {theirs:.2f} ({100 * (ours / theirs - 1):+.1f}%)"
         )
         if "ruler" in report and "ruler" in base:
@@ -136,7 +133,7 @@ def regression_lines(reports: list[dict]) -> list[str]:
                 length = min(shared)
                 ours, theirs = report["ruler"]["average"][length], base["ruler"]["average"][length]
                 lines.append(
-                    f"short-context regression of {name(report)} against {name(base)} at {length} tokens: RULER "
+                    f"short-context regression of {report['name']} against {base['name']} at {length} tokens: RULER "
                     f"average {ours:.1f} vs {theirs:.1f} ({ours - theirs:+.1f} points)"
                 )
     return lines
