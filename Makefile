@@ -25,7 +25,7 @@ example: setup
 	$(BIN)/longlora-hf example
 
 test: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n 2 tests
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n 2 --dist worksteal --durations=25 tests
 
 bench: setup
 	$(BIN)/python benchmarks/s2_attention.py

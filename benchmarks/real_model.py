@@ -15,7 +15,8 @@ Methods: `base` (the model as it is: RoPE beyond its context), `linear` (positio
 `dynamic` (dynamic NTK) extended to `--target` without training, `longlora` (S2-Attn + LoRA+ at `--train-length`,
 `--steps` steps, then evaluated with dense attention), and the ablations `dense` (LoRA+ with full attention) and
 `lora` (S2-Attn, LoRA only: embeddings and norms frozen). Training stops at `--steps` or when `--time-budget`
-seconds of training have passed, whichever comes first; the results record the steps, tokens and seconds that ran.
+seconds of training have passed, whichever comes first; the results record the steps, tokens and seconds that ran,
+and each trained adapter is saved in `--out` as `<method>-adapter` (for `longlora-hf merge`).
 Each method's row is written to `results.json` as soon as it is measured, so an interrupted run keeps the rows it
 finished. The full settings for a GPU: `--steps 1000 --windows 8` (the paper fine-tunes 1000 steps).
 """
@@ -177,7 +178,10 @@ def fine_tune(model, tokenizer, method: str, args) -> dict:
     seconds = time.perf_counter() - start
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     steps = trainer.state.global_step
+    adapter = args.out / f"{method}-adapter"  # for `longlora-hf merge`, and RULER on the merged model
+    trainer.model.save_pretrained(adapter)
     ran = {"steps": steps, "tokens": steps * length, "train_seconds": round(seconds, 1), "losses": losses}
+    ran["adapter"] = str(adapter)
     return trainer.model, ran
 
 

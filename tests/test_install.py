@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 ROOT = Path(__file__).resolve().parents[1]
 # The CPU build of torch, as the Makefile installs it (a bare requirement would pull a CUDA build).
@@ -23,6 +25,7 @@ def run(command, **kwargs):
     return result
 
 
+@pytest.mark.slow_demo
 def test_the_demo_runs_from_a_wheel_without_extras_and_says_how_to_get_the_plot(tmp_path):
     source = tmp_path / "source"
     shutil.copytree(
