@@ -69,13 +69,6 @@ def load(model_dir: Path):
     return model, AutoTokenizer.from_pretrained(model_dir)
 
 
-def finetune_documents() -> list[str]:
-    from longlora_hf.demo import ASSETS
-    from longlora_hf.demo.corpus import read_split
-
-    return [record["text"] for record in read_split(ASSETS / "finetune.jsonl.gz")]
-
-
 @torch.no_grad()
 def token_losses(model, ids: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """The loss of each next token of `ids` (float64), the LM head applied `chunk` positions at a time."""
@@ -141,12 +134,11 @@ def fine_tune(model, tokenizer, method: str, args) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     from longlora_hf import LongLoraConfig
-    from longlora_hf.metrics.perplexity import token_stream
+    from longlora_hf.demo.run import training_rows
     from longlora_hf.training import LongLoraCallback
 
-    stream = token_stream(tokenizer, finetune_documents())
     length = args.train_length
-    rows = [stream[i : i + length].tolist() for i in range(0, stream.numel() - length + 1, length)]
+    rows = training_rows(tokenizer, length)
     budget = TimeBudget(args.time_budget)
     config = SFTConfig(
         output_dir=str(args.out / "trainer"),
@@ -180,8 +172,13 @@ def fine_tune(model, tokenizer, method: str, args) -> dict:
     steps = trainer.state.global_step
     adapter = args.out / f"{method}-adapter"  # for `longlora-hf merge`, and RULER on the merged model
     trainer.model.save_pretrained(adapter)
-    ran = {"steps": steps, "tokens": steps * length, "train_seconds": round(seconds, 1), "losses": losses}
-    ran["adapter"] = str(adapter)
+    ran = {
+        "steps": steps,
+        "tokens": steps * length,
+        "train_seconds": round(seconds, 1),
+        "losses": losses,
+        "adapter": str(adapter),
+    }
     return trainer.model, ran
 
 
