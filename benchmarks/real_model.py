@@ -128,7 +128,7 @@ class TimeBudget:
         self.callback = Callback()
 
 
-def fine_tune(model, tokenizer, method: str, args) -> dict:
+def fine_tune(model, tokenizer, method: str, args) -> tuple:
     """Train `method`'s LongLoRA variant; returns the PEFT model and what ran."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
