@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -561,32 +562,33 @@ def logits_of(adapter_dir: Path) -> torch.Tensor:
         return model(ids).logits
 
 
+ZERO3_RUN = ["--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2", "--learning_rate", "2e-3"]
+ZERO3_RUN += ["--per_device_train_batch_size", "1"]
+
+
+def zero3_launch(config: str = "cpu_deepspeed_zero3") -> list[str]:
+    return ["-m", "accelerate.commands.launch", "--config_file", f"tests/configs/{config}.yaml"]
+
+
+@pytest.fixture(scope="module")
+def zero3_run(tmp_path_factory) -> tuple[Path, Path, str]:
+    """One 2-process ZeRO-3 run of 4 steps with a checkpoint every 2, on identical rows, launched once for the two
+    tests below (each launch costs two processes' start-up): its data, its output_dir and what it printed."""
+    directory = tmp_path_factory.mktemp("zero3")
+    data = identical_rows_dataset(directory / "data.jsonl")
+    result = run([*zero3_launch(), *sft_command(data, directory / "zero3", ZERO3_RUN)])
+    return data, directory / "zero3", result.stdout + result.stderr
+
+
 @pytest.mark.distributed
-def test_zero3_checkpoint_and_adapter_match_a_single_process_run(tmp_path):
-    data = identical_rows_dataset(tmp_path / "data.jsonl")
-    steps = ["--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2", "--learning_rate", "2e-3"]
-    zero3_run = run(
-        [
-            "-m",
-            "accelerate.commands.launch",
-            "--config_file",
-            "tests/configs/cpu_deepspeed_zero3.yaml",
-            *sft_command(data, tmp_path / "zero3", [*steps, "--per_device_train_batch_size", "1"]),
-        ]
-    )
-    zero3_output = zero3_run.stdout + zero3_run.stderr
+def test_zero3_checkpoint_and_adapter_match_a_single_process_run(zero3_run, tmp_path):
+    data, zero3_dir, zero3_output = zero3_run
     assert LAUNCHES["cpu_deepspeed_zero3"] in zero3_output  # two ranks ran together
     assert zero3_output.count("LongLoRA: S2-Attn on") == 1  # the report comes from the main process only
     assert "trainable parameters: LoRA 57,344, embeddings 1,048,576, norms 2,304" in zero3_output  # whole sizes
-    two_machines(sft_command(data, tmp_path / "two_machines", [*steps, "--per_device_train_batch_size", "1"]))
+    two_machines(sft_command(data, tmp_path / "two_machines", ZERO3_RUN))
     offloaded = run(
-        [
-            "-m",
-            "accelerate.commands.launch",
-            "--config_file",
-            "tests/configs/cpu_deepspeed_zero3_offload.yaml",
-            *sft_command(data, tmp_path / "offload", [*steps, "--per_device_train_batch_size", "1"]),
-        ]
+        [*zero3_launch("cpu_deepspeed_zero3_offload"), *sft_command(data, tmp_path / "offload", ZERO3_RUN)]
     )
     assert LAUNCHES["cpu_deepspeed_zero3_offload"] in offloaded.stdout + offloaded.stderr
     # one process accumulating two micro-batches of 1: the same global batch, summed the same way
@@ -594,14 +596,14 @@ def test_zero3_checkpoint_and_adapter_match_a_single_process_run(tmp_path):
         sft_command(
             data,
             tmp_path / "single",
-            [*steps, "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "2"],
+            [*ZERO3_RUN, "--gradient_accumulation_steps", "2"],
         )
     )
 
-    state = json.loads((tmp_path / "zero3" / "checkpoint-4" / "trainer_state.json").read_text())
+    state = json.loads((zero3_dir / "checkpoint-4" / "trainer_state.json").read_text())
     losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
     assert len(losses) == 4 and losses[-1] < losses[0]
-    checkpoint = tmp_path / "zero3" / "checkpoint-2"
+    checkpoint = zero3_dir / "checkpoint-2"
     from safetensors.torch import load_file
 
     saved = load_file(checkpoint / "adapter_model.safetensors")
@@ -611,7 +613,7 @@ def test_zero3_checkpoint_and_adapter_match_a_single_process_run(tmp_path):
         and any("lora_A" in k for k in saved)
     )
     assert all(v.numel() > 0 for v in saved.values())  # gathered, not ZeRO-3 shards
-    zero3, single = logits_of(tmp_path / "zero3"), logits_of(tmp_path / "single")
+    zero3, single = logits_of(zero3_dir), logits_of(tmp_path / "single")
     from transformers import AutoModelForCausalLM
 
     from longlora_hf.demo import ASSETS
@@ -639,6 +641,21 @@ def test_zero3_checkpoint_and_adapter_match_a_single_process_run(tmp_path):
         f"ZeRO-3 offload vs ZeRO-3: max {(offload - zero3).abs().max():.3g} per logit; two machines vs ZeRO-3: max "
         f"{(machines - zero3).abs().max():.3g}; ZeRO-3 vs one process: max {(zero3 - single).abs().max():.3g}"
     )
+
+
+@pytest.mark.distributed
+def test_a_zero3_run_resumed_from_its_checkpoint_ends_with_the_uninterrupted_adapter(zero3_run, tmp_path):
+    """The run stopped after its checkpoint at step 2 (that checkpoint, alone in an output_dir) and resumed with
+    `--resume_from_checkpoint true` ends with the adapter of the run that went on."""
+    data, straight, _ = zero3_run
+    checkpoint = straight / "checkpoint-2"
+    assert any(p.name.startswith("global_step") for p in checkpoint.iterdir())  # DeepSpeed's optimizer shards
+    shutil.copytree(checkpoint, tmp_path / "resumed" / "checkpoint-2")
+    command = sft_command(data, tmp_path / "resumed", [*ZERO3_RUN, "--resume_from_checkpoint", "true"])
+    resumed = run([*zero3_launch(), *command])
+    assert LAUNCHES["cpu_deepspeed_zero3"] in resumed.stdout + resumed.stderr  # two ranks ran together
+    torch.testing.assert_close(logits_of(tmp_path / "resumed"), logits_of(straight), atol=1e-6, rtol=0)
+    assert not torch.allclose(logits_of(checkpoint), logits_of(straight))
 
 
 def distinct_rows_dataset(path: Path) -> Path:
@@ -679,47 +696,14 @@ def test_ddp_runs_two_ranks_and_gives_the_adapter_of_one_process_training_both_r
 
 
 def test_a_resumed_run_ends_with_the_same_adapter_as_an_uninterrupted_one(tmp_path):
+    """The run stopped after its checkpoint at step 2 (that checkpoint, alone in an output_dir) and resumed from it
+    by path ends with the adapter of the run that went on."""
     data = identical_rows_dataset(tmp_path / "data.jsonl")
     common = ["--save_strategy", "steps", "--save_steps", "2", "--learning_rate", "5e-3", "--seed", "7"]
     run(sft_command(data, tmp_path / "straight", ["--max_steps", "4", *common]))
-    run(sft_command(data, tmp_path / "resumed", ["--max_steps", "2", *common]))
-    run(
-        sft_command(
-            data,
-            tmp_path / "resumed",
-            ["--max_steps", "4", *common, "--resume_from_checkpoint", str(tmp_path / "resumed" / "checkpoint-2")],
-        )
-    )
-    torch.testing.assert_close(logits_of(tmp_path / "resumed"), logits_of(tmp_path / "straight"), atol=1e-6, rtol=0)
-    assert not torch.allclose(logits_of(tmp_path / "resumed" / "checkpoint-2"), logits_of(tmp_path / "straight"))
-
-
-@pytest.mark.distributed
-def test_a_zero3_run_resumed_from_its_checkpoint_ends_with_the_uninterrupted_adapter(tmp_path):
-    data = identical_rows_dataset(tmp_path / "data.jsonl")
-    common = [
-        "--save_strategy",
-        "steps",
-        "--save_steps",
-        "2",
-        "--learning_rate",
-        "5e-3",
-        "--seed",
-        "7",
-        "--per_device_train_batch_size",
-        "1",
-    ]
-    launch = ["-m", "accelerate.commands.launch", "--config_file", "tests/configs/cpu_deepspeed_zero3.yaml"]
-
-    def launched(args):
-        result = run([*launch, *args])
-        assert LAUNCHES["cpu_deepspeed_zero3"] in result.stdout + result.stderr  # two ranks ran together
-
-    launched(sft_command(data, tmp_path / "straight", ["--max_steps", "4", *common]))
-    launched(sft_command(data, tmp_path / "resumed", ["--max_steps", "2", *common]))
     checkpoint = tmp_path / "resumed" / "checkpoint-2"
-    assert any(p.name.startswith("global_step") for p in checkpoint.iterdir())  # DeepSpeed's optimizer shards
-    launched(
+    shutil.copytree(tmp_path / "straight" / "checkpoint-2", checkpoint)
+    run(
         sft_command(
             data, tmp_path / "resumed", ["--max_steps", "4", *common, "--resume_from_checkpoint", str(checkpoint)]
         )
@@ -975,8 +959,6 @@ def test_a_model_s2_cannot_train_is_refused_before_loading_and_the_advice_given_
 ):
     """Gemma 2's attention logit soft-capping: refused from the model's config in one line before the output_dir is
     claimed (nothing loaded, nothing written); `--use_s2_attn false`, the way out the refusal names, trains it."""
-    import shutil
-
     monkeypatch.chdir(ROOT)
     assets = ROOT / "longlora_hf" / "demo" / "assets"
     demo = json.loads((assets / "config.json").read_text())
