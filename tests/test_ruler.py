@@ -298,6 +298,8 @@ def test_the_evaluate_module_runs_the_demo_model_and_is_seeded(demo):
     assert first["samples"] == again["samples"]
     assert all(sample["prompt_tokens"] <= 1024 - sample["max_new_tokens"] for sample in first["samples"])
     assert all(len(tokenizer(s["prediction"], add_special_tokens=False)["input_ids"]) <= 5 for s in first["samples"])
+    # the record says what each answer was allowed: the cap, not only the task's budget the prompt left room for
+    assert [(s["max_new_tokens"], s["new_tokens_allowed"]) for s in first["samples"]] == [(128, 4), (50, 4)]
 
 
 def test_a_chat_model_is_prompted_through_its_template_without_a_second_set_of_special_tokens(demo):

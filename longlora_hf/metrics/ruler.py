@@ -427,7 +427,8 @@ def ruler_evaluation(
     Returns:
         `dict`: `scores` ({task: {length: score in [0, 100]}}), `average` ({length: mean over tasks}),
         `effective_length` (or None), `threshold`, `chat`, and `samples` (one record per prompt: task, length,
-        prompt tokens, references, prediction, score).
+        prompt tokens, references, `max_new_tokens` (the task's answer budget, which the prompt leaves room for),
+        `new_tokens_allowed` (that budget or `max_new_tokens` if lower), prediction, score).
 
     Raises:
         `ValueError`: for invalid lengths, tasks, samples or threshold, or text tasks without a haystack, before any
@@ -463,6 +464,7 @@ def ruler_evaluation(
                 del record["prompt"]
                 record.update(
                     prompt_tokens=ids.shape[1],
+                    new_tokens_allowed=budget,  # the task's max_new_tokens (the prompt's room), or the cap if lower
                     prediction=prediction,
                     score=100 * string_match_all(prediction, sample.references),
                 )
