@@ -34,6 +34,7 @@ from support.sp_cases import (
     sgd_step,
     train_batch,
 )
+from test_training_sft import accelerate
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -266,10 +267,6 @@ def sft(
         *extra,
     ]
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600), out
-
-
-def accelerate(config: str) -> list[str]:
-    return ["-m", "accelerate.commands.launch", "--config_file", f"tests/configs/{config}.yaml"]
 
 
 def history(out: Path) -> tuple[list[dict], dict]:

@@ -562,11 +562,14 @@ def logits_of(adapter_dir: Path) -> torch.Tensor:
         return model(ids).logits
 
 
-ZERO3_RUN = ["--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2", "--learning_rate", "2e-3"]
-ZERO3_RUN += ["--per_device_train_batch_size", "1"]
+ZERO3_RUN = [
+    *["--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2", "--learning_rate", "2e-3"],
+    *["--per_device_train_batch_size", "1"],
+]
 
 
-def zero3_launch(config: str = "cpu_deepspeed_zero3") -> list[str]:
+def accelerate(config: str) -> list[str]:
+    """`python -m accelerate.commands.launch` with tests/configs/<config>.yaml."""
     return ["-m", "accelerate.commands.launch", "--config_file", f"tests/configs/{config}.yaml"]
 
 
@@ -576,7 +579,7 @@ def zero3_run(tmp_path_factory) -> tuple[Path, Path, str]:
     tests below (each launch costs two processes' start-up): its data, its output_dir and what it printed."""
     directory = tmp_path_factory.mktemp("zero3")
     data = identical_rows_dataset(directory / "data.jsonl")
-    result = run([*zero3_launch(), *sft_command(data, directory / "zero3", ZERO3_RUN)])
+    result = run([*accelerate("cpu_deepspeed_zero3"), *sft_command(data, directory / "zero3", ZERO3_RUN)])
     return data, directory / "zero3", result.stdout + result.stderr
 
 
@@ -587,9 +590,7 @@ def test_zero3_checkpoint_and_adapter_match_a_single_process_run(zero3_run, tmp_
     assert zero3_output.count("LongLoRA: S2-Attn on") == 1  # the report comes from the main process only
     assert "trainable parameters: LoRA 57,344, embeddings 1,048,576, norms 2,304" in zero3_output  # whole sizes
     two_machines(sft_command(data, tmp_path / "two_machines", ZERO3_RUN))
-    offloaded = run(
-        [*zero3_launch("cpu_deepspeed_zero3_offload"), *sft_command(data, tmp_path / "offload", ZERO3_RUN)]
-    )
+    offloaded = run([*accelerate("cpu_deepspeed_zero3_offload"), *sft_command(data, tmp_path / "offload", ZERO3_RUN)])
     assert LAUNCHES["cpu_deepspeed_zero3_offload"] in offloaded.stdout + offloaded.stderr
     # one process accumulating two micro-batches of 1: the same global batch, summed the same way
     run(
@@ -652,7 +653,7 @@ def test_a_zero3_run_resumed_from_its_checkpoint_ends_with_the_uninterrupted_ada
     assert any(p.name.startswith("global_step") for p in checkpoint.iterdir())  # DeepSpeed's optimizer shards
     shutil.copytree(checkpoint, tmp_path / "resumed" / "checkpoint-2")
     command = sft_command(data, tmp_path / "resumed", [*ZERO3_RUN, "--resume_from_checkpoint", "true"])
-    resumed = run([*zero3_launch(), *command])
+    resumed = run([*accelerate("cpu_deepspeed_zero3"), *command])
     assert LAUNCHES["cpu_deepspeed_zero3"] in resumed.stdout + resumed.stderr  # two ranks ran together
     torch.testing.assert_close(logits_of(tmp_path / "resumed"), logits_of(straight), atol=1e-6, rtol=0)
     assert not torch.allclose(logits_of(checkpoint), logits_of(straight))
